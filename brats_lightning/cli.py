@@ -1,0 +1,53 @@
+"""The `brats-lightning` command: one entry point, one subcommand per task.
+
+Each subcommand lives in the module that owns its work; that module defines
+``add_arguments(parser)`` and ``run(args) -> int`` (the exit code). Only the chosen
+subcommand's module is imported, so `brats-lightning merge --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "synth": ("brats_lightning.data.synthetic", "write a synthetic BraTS-like data set on MNI152 anatomy"),
+    "check-data": ("brats_lightning.data.checks", "scan a data set and report every problem (exit 1 if any)"),
+    "preprocess": ("brats_lightning.data.preprocess", "build the preprocessed cache of a data set for a pipeline"),
+    "predict": ("brats_lightning.inference.predictor", "ensemble trained runs with TTA and write label maps"),
+    "merge": ("brats_lightning.inference.merge", "merge pipeline A and pipeline B label maps (paper Table 1)"),
+    "evaluate": ("brats_lightning.evaluate", "score label maps against ground truth with the BraTS 2020 rules"),
+    "cv-report": ("brats_lightning.reports", "cross-validation table (paper Table 2) from a sweep's run.json files"),
+    "flag-cases": ("brats_lightning.callbacks.case_losses", "turn recorded per-case losses into an exclusion list"),
+}
+
+
+def _top_level_help() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: brats-lightning COMMAND [options]", "", "commands:"]
+    lines += [f"  {name:<{width}}  {summary}" for name, (_, summary) in COMMANDS.items()]
+    lines += ["", "Run `brats-lightning COMMAND --help` for a command's options.",
+              "Training is `python train.py` (Hydra); see the README."]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch to the subcommand named by the first argument."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] in ("-h", "--help"):
+        print(_top_level_help())
+        return 0
+    name, rest = argv[0], argv[1:]
+    if name not in COMMANDS:
+        print(f"brats-lightning: unknown command {name!r}\n\n{_top_level_help()}", file=sys.stderr)
+        return 2
+    module_name, summary = COMMANDS[name]
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"brats-lightning {name}", description=summary)
+    module.add_arguments(parser)
+    return int(module.run(parser.parse_args(rest)) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
