@@ -28,10 +28,13 @@ surface voxels, which all lie inside the box. Voxels outside the box are true ne
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 from scipy import ndimage
+
+if TYPE_CHECKING:  # torch is imported by region_dice only, so that evaluate's workers start fast
+    import torch
 
 REGION_NAMES: tuple[str, ...] = ("et", "tc", "wt")
 """Lower-case region names in network channel order (ET, TC, WT), as used in metric keys."""
@@ -230,6 +233,8 @@ def region_dice(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     Returns:
         float32 (B, 3) Dice.
     """
+    import torch
+
     if pred.shape != target.shape or pred.ndim < 3:
         raise ValueError(f"expected prediction and target of the same shape (B, 3, ...), found "
                          f"{tuple(pred.shape)} and {tuple(target.shape)}")

@@ -1,0 +1,270 @@
+"""Figures: segmentation overlays (paper Fig. 3 style), per-case metric box plots, training curves.
+
+Everything draws on :class:`matplotlib.figure.Figure` objects with an explicit Agg canvas, never through
+``pyplot``: no global backend state, no display needed, safe inside training callbacks and worker processes.
+
+Colours follow the paper's Fig. 3: enhancing tumour (ET) red, necrosis / non-enhancing core (NCR/NET) green,
+edema (ED) yellow. Overlays outline the nested regions (ET, TC, WT), so the red line is the ET border, the
+green line the tumour-core border (NCR/NET plus ET) and the yellow line the whole-tumour border (its outer
+part is edema); ground truth is drawn solid, the prediction dashed.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from brats_lightning.data.labels import BRATS2020, REGIONS, LabelConvention, labels_to_regions
+
+REGION_COLOURS: dict[str, str] = {"ET": "red", "TC": "limegreen", "WT": "yellow"}
+"""Outline colour of each region: ET red, TC green (NCR/NET), WT yellow (ED), as in the paper's Fig. 3."""
+REGION_LEGEND: dict[str, str] = {"ET": "ET", "TC": "NCR/NET (TC border)", "WT": "ED (WT border)"}
+IMAGE_PANELS: tuple[tuple[int, str], ...] = ((1, "T1ce"), (3, "FLAIR"))
+"""(channel, title) of the images shown side by side; channels in the order t1, t1ce, t2, flair."""
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    figure = Figure(figsize=(width, height), dpi=100)
+    FigureCanvasAgg(figure)
+    return figure
+
+
+def save_figure(figure: Figure, path: str | Path) -> Path:
+    """Write ``figure`` as PNG (parent folders created) and return the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    figure.savefig(path, format="png", facecolor=figure.get_facecolor())
+    return path
+
+
+# ---------------------------------------------------------------- overlays
+
+@dataclass
+class OverlaySlice:
+    """The 2D data one overlay needs: one axial slice of two images and of both label maps.
+
+    Attributes:
+        z: the axial slice index in the volume.
+        images: float (2, X, Y), the channels of :data:`IMAGE_PANELS`.
+        gt_regions: bool (3, X, Y) ground truth ET, TC, WT at that slice (all False when unknown).
+        pred_regions: bool (3, X, Y) predicted regions at that slice.
+    """
+
+    z: int
+    images: np.ndarray
+    gt_regions: np.ndarray
+    pred_regions: np.ndarray
+
+
+def tumour_slice_index(gt_labels: np.ndarray, pred_labels: np.ndarray) -> int:
+    """Axial index through the tumour centre: the ground truth whole tumour's centre of mass along z.
+
+    Falls back to the prediction's whole tumour when the ground truth is empty, and to the middle slice
+    when both are empty.
+    """
+    for labels in (gt_labels, pred_labels):
+        per_slice = np.count_nonzero(np.asarray(labels).reshape(-1, labels.shape[-1]), axis=0)
+        if per_slice.any():
+            return int(round(float(np.average(np.arange(per_slice.size), weights=per_slice))))
+    return gt_labels.shape[-1] // 2
+
+
+def overlay_slice(images: np.ndarray, gt_labels: np.ndarray, pred_labels: np.ndarray,
+                  convention: LabelConvention = BRATS2020, z: int | None = None) -> OverlaySlice:
+    """Extract the axial slice an overlay shows (see :func:`tumour_slice_index`).
+
+    Args:
+        images: (4, X, Y, Z) in the channel order t1, t1ce, t2, flair.
+        gt_labels: (X, Y, Z) ground truth label map.
+        pred_labels: (X, Y, Z) predicted label map.
+        convention: label codes of both maps.
+        z: the slice to show; default the tumour centre.
+    """
+    images, gt_labels, pred_labels = np.asarray(images), np.asarray(gt_labels), np.asarray(pred_labels)
+    if images.ndim != 4 or images.shape[1:] != gt_labels.shape or gt_labels.shape != pred_labels.shape:
+        raise ValueError(f"expected images (4, X, Y, Z) and two (X, Y, Z) label maps on the same grid, found "
+                         f"{images.shape}, {gt_labels.shape} and {pred_labels.shape}")
+    z = tumour_slice_index(gt_labels, pred_labels) if z is None else int(z)
+    channels = [channel for channel, _ in IMAGE_PANELS]
+    return OverlaySlice(
+        z=z,
+        images=np.asarray(images[channels, :, :, z], dtype=np.float32),
+        gt_regions=labels_to_regions(gt_labels[:, :, z], convention),
+        pred_regions=labels_to_regions(pred_labels[:, :, z], convention),
+    )
+
+
+def _display_box(images: np.ndarray, margin: int = 4) -> tuple[slice, slice]:
+    """In-plane box of the non-zero image voxels (the brain) plus a margin, so the tumour is not tiny."""
+    nonzero = np.any(images != 0, axis=0)
+    if not nonzero.any():
+        return slice(None), slice(None)
+    xs, ys = np.flatnonzero(nonzero.any(axis=1)), np.flatnonzero(nonzero.any(axis=0))
+    return (slice(max(xs[0] - margin, 0), xs[-1] + margin + 1),
+            slice(max(ys[0] - margin, 0), ys[-1] + margin + 1))
+
+
+def _window(image: np.ndarray) -> tuple[float, float]:
+    """Display range: 1st-99th percentile of the non-zero voxels (the whole slice if none)."""
+    values = image[image != 0]
+    if values.size == 0:
+        return 0.0, 1.0
+    low, high = np.percentile(values, [1, 99])
+    return float(min(low, 0.0)), float(high if high > low else low + 1.0)
+
+
+def draw_overlay(data: OverlaySlice, case_id: str, dice: Sequence[float] | None = None) -> Figure:
+    """Draw an :class:`OverlaySlice`: the images side by side, ground truth solid, prediction dashed.
+
+    Args:
+        data: the slice (see :func:`overlay_slice`).
+        case_id: shown in the title.
+        dice: optional whole-volume Dice (ET, TC, WT) shown in the title.
+    """
+    box = _display_box(data.images)
+    panels = len(IMAGE_PANELS)
+    figure = _new_figure(4.2 * panels, 4.9)
+    figure.patch.set_facecolor("black")
+    title = f"{case_id}   axial slice z={data.z}"
+    if dice is not None:
+        title += "   Dice " + "  ".join(f"{r} {d:.3f}" for r, d in zip(REGIONS, dice, strict=True))
+    figure.suptitle(title, color="white", fontsize=11)
+    for index, (_, name) in enumerate(IMAGE_PANELS):
+        ax = figure.add_subplot(1, panels, index + 1)
+        image = data.images[index][box]
+        low, high = _window(image)
+        # nibabel arrays are (x, y): transpose so x runs left-right and y (anterior) points up
+        ax.imshow(image.T, cmap="gray", origin="lower", vmin=low, vmax=high, interpolation="nearest")
+        for masks, style in ((data.gt_regions, "solid"), (data.pred_regions, "dashed")):
+            for region_index, region in enumerate(REGIONS):
+                mask = masks[region_index][box]
+                if mask.any():
+                    ax.contour(mask.T.astype(np.float32), levels=[0.5], colors=REGION_COLOURS[region],
+                               linestyles=style, linewidths=1.4)
+        ax.set_title(name, color="white", fontsize=10)
+        ax.set_axis_off()
+    handles = [Line2D([], [], color=REGION_COLOURS[r], lw=2, label=REGION_LEGEND[r]) for r in REGIONS]
+    handles += [Line2D([], [], color="white", lw=1.4, ls="solid", label="ground truth"),
+                Line2D([], [], color="white", lw=1.4, ls="dashed", label="prediction")]
+    legend = figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
+    for text in legend.get_texts():
+        text.set_color("white")
+    figure.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.08, wspace=0.03)
+    return figure
+
+
+def overlay_figure(images: np.ndarray, gt_labels: np.ndarray, pred_labels: np.ndarray, case_id: str,
+                   convention: LabelConvention = BRATS2020, z: int | None = None) -> Figure:
+    """Overlay of one case (paper Fig. 3): t1ce and flair at the tumour centre, contours of both label maps.
+
+    Args:
+        images: (4, X, Y, Z), channels t1, t1ce, t2, flair.
+        gt_labels: (X, Y, Z) ground truth label map (all zero when unknown).
+        pred_labels: (X, Y, Z) predicted label map.
+        case_id: shown in the title, with the whole-volume Dice of each region.
+        convention: label codes of both maps.
+        z: axial slice; default the ground truth whole tumour's centre (the prediction's if that is empty).
+    """
+    from brats_lightning.metrics import dice
+
+    data = overlay_slice(images, gt_labels, pred_labels, convention, z)
+    gt, pred = labels_to_regions(gt_labels, convention), labels_to_regions(pred_labels, convention)
+    return draw_overlay(data, case_id, [dice(pred[i], gt[i]) for i in range(len(REGIONS))])
+
+
+def save_overlay(images: np.ndarray, gt_labels: np.ndarray, pred_labels: np.ndarray, case_id: str,
+                 path: str | Path, convention: LabelConvention = BRATS2020, z: int | None = None) -> Path:
+    """:func:`overlay_figure` written to ``path`` as PNG."""
+    return save_figure(overlay_figure(images, gt_labels, pred_labels, case_id, convention, z), path)
+
+
+# ---------------------------------------------------------------- per-case metrics
+
+BOXPLOT_PANELS: tuple[tuple[str, str], ...] = (("dice", "Dice"), ("hd95", "HD95 (mm)"),
+                                               ("sens", "Sensitivity"), ("spec", "Specificity"))
+
+
+def metric_boxplots(cases: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """Box plots of per-case metrics, one panel per metric, one box per region (ET, TC, WT).
+
+    Args:
+        cases: evaluate's per-case table (columns ``dice_et``, ..., ``spec_wt``); missing metrics are skipped.
+        path: PNG to write.
+        title: figure title (e.g. the data set / method label).
+    """
+    panels = [(key, name) for key, name in BOXPLOT_PANELS if f"{key}_et" in cases.columns]
+    figure = _new_figure(3.2 * len(panels), 3.6)
+    for index, (key, name) in enumerate(panels):
+        ax = figure.add_subplot(1, len(panels), index + 1)
+        columns = [f"{key}_{region.lower()}" for region in REGIONS]
+        values = [cases[c].dropna().to_numpy(dtype=float) for c in columns]
+        boxes = ax.boxplot(values, patch_artist=True, widths=0.6, medianprops={"color": "black"})
+        ax.set_xticks(range(1, len(REGIONS) + 1), list(REGIONS))
+        for patch, region in zip(boxes["boxes"], REGIONS, strict=True):
+            patch.set_facecolor({"ET": "tomato", "TC": "mediumseagreen", "WT": "gold"}[region])
+        if key == "hd95":
+            ax.set_ylim(bottom=0)
+            if max((v.max() for v in values if v.size), default=0.0) > 50:
+                # empty-mask penalties (373.13 mm) would flatten every other box on a linear axis
+                ax.set_yscale("symlog", linthresh=10.0)
+                name += ", symlog"
+        ax.set_title(name, fontsize=10)
+        ax.grid(axis="y", alpha=0.3)
+    figure.suptitle(f"{title}  (n = {len(cases)} cases)" if title else f"n = {len(cases)} cases", fontsize=11)
+    figure.tight_layout()
+    return save_figure(figure, path)
+
+
+# ---------------------------------------------------------------- training curves
+
+def _epoch_curves(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
+    """Per-epoch mean of each column (step-level rows are averaged; NaN rows of other loggers skipped)."""
+    return frame.groupby("epoch")[columns].mean().dropna(how="all")
+
+
+def training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
+    """Plot a CSVLogger ``metrics.csv``: train and validation losses, and validation Dice, per epoch.
+
+    Loss columns are those whose name contains ``loss`` and starts with ``train`` or ``val``; a ``*_step``
+    column is left out when its ``*_epoch`` twin exists. Dice columns start with ``val`` and contain
+    ``dice``.
+
+    Args:
+        metrics_csv: the CSV logger's file (needs an ``epoch`` column).
+        path: PNG to write.
+    """
+    frame = pd.read_csv(metrics_csv)
+    if "epoch" not in frame.columns:
+        raise ValueError(f"{metrics_csv}: no 'epoch' column (found {list(frame.columns)}); expected the "
+                         "metrics.csv that pytorch_lightning's CSVLogger writes")
+    columns = set(frame.columns)
+    losses = [c for c in frame.columns if "loss" in c and re.match(r"(train|val)", c)
+              and not (c.endswith("_step") and c[: -len("_step")] + "_epoch" in columns)]
+    dices = [c for c in frame.columns if c.startswith("val") and "dice" in c]
+    if not losses and not dices:
+        raise ValueError(f"{metrics_csv}: no train/val loss or val Dice column among {list(frame.columns)}")
+    panels = [(cols, label) for cols, label in ((losses, "loss"), (dices, "validation Dice")) if cols]
+    figure = _new_figure(5.0 * len(panels), 3.6)
+    for index, (cols, label) in enumerate(panels):
+        ax = figure.add_subplot(1, len(panels), index + 1)
+        curves = _epoch_curves(frame, cols)
+        for column in cols:
+            series = curves[column].dropna()
+            ax.plot(series.index, series.to_numpy(), marker="o" if len(series) < 30 else None, ms=3,
+                    label=column)
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        if label.endswith("Dice"):
+            ax.set_ylim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    figure.tight_layout()
+    return save_figure(figure, path)
