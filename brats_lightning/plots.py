@@ -144,7 +144,8 @@ def draw_overlay(data: OverlaySlice, case_id: str, dice: Sequence[float] | None 
         # nibabel arrays are (x, y): transpose so x runs left-right and y (anterior) points up
         ax.imshow(image.T, cmap="gray", origin="lower", vmin=low, vmax=high, interpolation="nearest")
         for masks, style in ((data.gt_regions, "solid"), (data.pred_regions, "dashed")):
-            for region_index, region in enumerate(REGIONS):
+            for region_index in reversed(range(len(REGIONS))):  # WT first, so inner borders stay on top
+                region = REGIONS[region_index]
                 mask = masks[region_index][box]
                 if mask.any():
                     ax.contour(mask.T.astype(np.float32), levels=[0.5], colors=REGION_COLOURS[region],

@@ -1,0 +1,124 @@
+"""Validation overlays and per-case Dice during training (paper Fig. 3 style), saved as PNG and sent to W&B.
+
+:class:`OverlayCallback` reads the validation batches and outputs of CONTRACTS.md (Training):
+``batch = {"image": (B, 4, X', Y', Z'), "target": bool (B, 3, X, Y, Z), "case_id": [...]}`` where the image
+may be zero-padded beyond the target (it is cut back to ``[..., :X, :Y, :Z]``, the padding sits at the end of
+each axis), and ``outputs = {"pred_regions": bool (B, 3, X, Y, Z), ...}`` from ``validation_step``.
+
+Each validation epoch it
+
+* draws, for the first ``cases`` case ids in sorted order (chosen in the first validation epoch and kept
+  fixed afterwards, so the images of successive epochs compare), an axial slice through the ground truth
+  tumour centre with ground truth (solid) and predicted (dashed) outlines on t1ce and flair
+  (:func:`brats_lightning.plots.draw_overlay`), saved as
+  ``<trainer.log_dir or default_root_dir>/overlays/epoch{E:03d}_{case}.png``;
+* logs those PNGs to every attached WandbLogger (``log_image(key="val/overlay", ...)``) and a table of every
+  validated case's Dice per region (``log_table(key="val/case_dice", ...)``).
+
+It only keeps one 2D slice per chosen case in memory, never whole volumes. Without a logger, or with only
+a CSVLogger, it writes the PNGs and nothing else. Under multi-process training each rank sees its own share
+of the validation cases; the overlays and the table come from the cases of rank 0.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytorch_lightning as pl
+import torch
+from pytorch_lightning.loggers import WandbLogger
+
+from brats_lightning.data.labels import REGIONS, regions_to_labels
+from brats_lightning.metrics import region_dice
+from brats_lightning.plots import OverlaySlice, draw_overlay, overlay_slice, save_figure
+
+log = logging.getLogger(__name__)
+
+OVERLAY_KEY = "val/overlay"
+TABLE_KEY = "val/case_dice"
+TABLE_COLUMNS = ["epoch", "case", *(f"dice_{r.lower()}" for r in REGIONS)]
+
+
+class OverlayCallback(pl.Callback):
+    """Save (and log to W&B) validation overlays of a fixed set of cases, plus a per-case Dice table.
+
+    Args:
+        cases: how many cases to draw (the first ones by sorted case id).
+        every_n_epochs: draw and log on validation epochs whose ``current_epoch + 1`` is a multiple of this
+            (1 = every validation epoch). The sanity check is never drawn.
+    """
+
+    def __init__(self, cases: int = 2, every_n_epochs: int = 1) -> None:
+        super().__init__()
+        if cases < 0 or every_n_epochs < 1:
+            raise ValueError(f"OverlayCallback needs cases >= 0 and every_n_epochs >= 1, found "
+                             f"cases={cases}, every_n_epochs={every_n_epochs}")
+        self.cases = cases
+        self.every_n_epochs = every_n_epochs
+        self.case_ids: list[str] | None = None  # fixed after the first drawn validation epoch
+        self._slices: dict[str, OverlaySlice] = {}
+        self._dice: dict[str, list[float]] = {}
+
+    def _active(self, trainer: pl.Trainer) -> bool:
+        return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
+
+    def _wanted(self, case_id: str) -> bool:
+        if self.cases == 0:
+            return False
+        if self.case_ids is not None:
+            return case_id in self.case_ids
+        return len(self._slices) < self.cases or case_id < max(self._slices)
+
+    def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._slices, self._dice = {}, {}
+
+    @torch.no_grad()
+    def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
+                                batch: Any, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if not self._active(trainer):
+            return
+        if not isinstance(outputs, dict) or "pred_regions" not in outputs:
+            raise ValueError("OverlayCallback needs validation_step to return a dict with 'pred_regions' "
+                             f"(bool (B, 3, X, Y, Z)); got {type(outputs).__name__} "
+                             f"{sorted(outputs) if isinstance(outputs, dict) else ''}")
+        pred, target = outputs["pred_regions"].bool(), batch["target"].bool()
+        case_ids = list(batch["case_id"])
+        scores = region_dice(pred, target).cpu().tolist()
+        spatial = tuple(target.shape[-3:])
+        for index, case_id in enumerate(case_ids):
+            self._dice[case_id] = scores[index]
+            if not self._wanted(case_id):
+                continue
+            x, y, z = spatial
+            image = batch["image"][index, :, :x, :y, :z].float().cpu().numpy()
+            gt = regions_to_labels(target[index].cpu().numpy())
+            pr = regions_to_labels(pred[index].cpu().numpy())
+            self._slices[case_id] = overlay_slice(image, gt, pr)
+            if self.case_ids is None and len(self._slices) > self.cases:
+                del self._slices[max(self._slices)]
+
+    def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self._active(trainer):
+            return
+        if self.case_ids is None:
+            self.case_ids = sorted(self._slices)
+        folder = Path(trainer.log_dir or trainer.default_root_dir) / "overlays"  # every rank calls log_dir
+        if not trainer.is_global_zero:
+            return
+        epoch, step = trainer.current_epoch, trainer.global_step
+        paths, captions = [], []
+        for case_id in sorted(self._slices):
+            title = f"{case_id} (epoch {epoch})"
+            figure = draw_overlay(self._slices[case_id], title, self._dice.get(case_id))
+            paths.append(str(save_figure(figure, folder / f"epoch{epoch:03d}_{case_id}.png")))
+            captions.append(case_id)
+        rows = [[epoch, case_id, *np.round(dice, 6).tolist()] for case_id, dice in sorted(self._dice.items())]
+        for logger in trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                if paths:
+                    logger.log_image(key=OVERLAY_KEY, images=paths, caption=captions, step=step)
+                logger.log_table(key=TABLE_KEY, columns=TABLE_COLUMNS, data=rows, step=step)
+        log.debug("epoch %d: %d overlays in %s", epoch, len(paths), folder)
