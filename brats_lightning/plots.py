@@ -193,12 +193,14 @@ BOXPLOT_PANELS: tuple[tuple[str, str], ...] = (("dice", "Dice"), ("hd95", "HD95 
                                                ("sens", "Sensitivity"), ("spec", "Specificity"))
 
 
-def metric_boxplots(cases: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+def boxplot_figure(cases: pd.DataFrame, title: str = "") -> Figure:
     """Box plots of per-case metrics, one panel per metric, one box per region (ET, TC, WT).
+
+    The HD95 panel switches to a symlog axis when a value exceeds 50 mm (the 373.13 mm empty-mask penalty
+    would flatten the other boxes).
 
     Args:
         cases: evaluate's per-case table (columns ``dice_et``, ..., ``spec_wt``); missing metrics are skipped.
-        path: PNG to write.
         title: figure title (e.g. the data set / method label).
     """
     panels = [(key, name) for key, name in BOXPLOT_PANELS if f"{key}_et" in cases.columns]
@@ -221,17 +223,17 @@ def metric_boxplots(cases: pd.DataFrame, path: str | Path, title: str = "") -> P
         ax.grid(axis="y", alpha=0.3)
     figure.suptitle(f"{title}  (n = {len(cases)} cases)" if title else f"n = {len(cases)} cases", fontsize=11)
     figure.tight_layout()
-    return save_figure(figure, path)
+    return figure
+
+
+def metric_boxplots(cases: pd.DataFrame, path: str | Path, title: str = "") -> Path:
+    """:func:`boxplot_figure` written to ``path`` as PNG."""
+    return save_figure(boxplot_figure(cases, title), path)
 
 
 # ---------------------------------------------------------------- training curves
 
-def _epoch_curves(frame: pd.DataFrame, columns: list[str]) -> pd.DataFrame:
-    """Per-epoch mean of each column (step-level rows are averaged; NaN rows of other loggers skipped)."""
-    return frame.groupby("epoch")[columns].mean().dropna(how="all")
-
-
-def training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
+def training_curves_figure(metrics_csv: str | Path) -> Figure:
     """Plot a CSVLogger ``metrics.csv``: train and validation losses, and validation Dice, per epoch.
 
     Loss columns are those whose name contains ``loss`` and starts with ``train`` or ``val``; a ``*_step``
@@ -240,7 +242,6 @@ def training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
 
     Args:
         metrics_csv: the CSV logger's file (needs an ``epoch`` column).
-        path: PNG to write.
     """
     frame = pd.read_csv(metrics_csv)
     if "epoch" not in frame.columns:
@@ -256,7 +257,7 @@ def training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
     figure = _new_figure(5.0 * len(panels), 3.6)
     for index, (cols, label) in enumerate(panels):
         ax = figure.add_subplot(1, len(panels), index + 1)
-        curves = _epoch_curves(frame, cols)
+        curves = frame.groupby("epoch")[cols].mean()  # step rows averaged per epoch; NaN cells skipped
         for column in cols:
             series = curves[column].dropna()
             ax.plot(series.index, series.to_numpy(), marker="o" if len(series) < 30 else None, ms=3,
@@ -268,4 +269,9 @@ def training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
         ax.grid(alpha=0.3)
         ax.legend(fontsize=8)
     figure.tight_layout()
-    return save_figure(figure, path)
+    return figure
+
+
+def training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
+    """:func:`training_curves_figure` of ``metrics_csv`` written to ``path`` as PNG."""
+    return save_figure(training_curves_figure(metrics_csv), path)
