@@ -1,0 +1,194 @@
+"""Data set checks: find every problem in a BraTS folder and report them all at once (SPEC.md "Data").
+
+``check_dataset(root)`` reads every file and reports: missing modalities, duplicate case ids, unreadable or
+truncated files (gzip errors), files of one case whose shapes or affines differ, non-finite voxels,
+all-zero modalities, non-integer label maps and labels outside the year's set (3 in 2020 data, 4 in 2023
+data). ``fast=True`` reads only headers (presence, readability, shapes, affines), so training can run it
+in seconds before it starts. ``brats-lightning check-data DIR`` prints the problems as one table and exits
+with 1 when there is any.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from brats_lightning.data.io import VolumeReadError, load_image, read_voxels
+from brats_lightning.data.labels import BRATS2020, BRATS2023, unexpected_labels
+from brats_lightning.data.layout import MODALITIES, Case, scan_dataset
+
+AFFINE_TOLERANCE_MM = 1e-3
+
+
+@dataclass
+class Problem:
+    """One problem: the case id, the file concerned and a message (found, expected, what to do)."""
+
+    case: str
+    file: str
+    message: str
+
+
+def _label_hint(convention_name: str, bad: Sequence[int]) -> str:
+    if convention_name == BRATS2020.name and BRATS2023.et in bad:
+        return ("BraTS 2020/2021 data uses 4 for enhancing tumour: relabel 3 -> 4 if this is 2023-style "
+                "data under 2020 names, or fix the segmentation")
+    if convention_name == BRATS2023.name and BRATS2020.et in bad:
+        return ("BraTS 2023 data uses 3 for enhancing tumour: relabel 4 -> 3 if this is 2020-style data "
+                "under 2023 names, or fix the segmentation")
+    return "fix or re-export the segmentation"
+
+
+def check_case(case: Case, fast: bool = False) -> list[Problem]:
+    """Every problem of one case (see the module doc); ``fast`` reads headers only."""
+    problems: list[Problem] = []
+    names = list(MODALITIES) + (["seg"] if case.seg is not None else [])
+    headers = {}
+    for name, path in zip(names, case.files, strict=True):
+        try:
+            headers[name] = load_image(path)
+        except VolumeReadError as err:
+            problems.append(Problem(case.case_id, str(path), f"{name} unreadable: {err}"))
+    reference_name = next((n for n in names if n in headers), None)
+    for name, path in zip(names, case.files, strict=True):
+        if name not in headers:
+            continue
+        image = headers[name]
+        if len(image.shape) != 3:
+            problems.append(Problem(case.case_id, str(path),
+                                    f"{name} has shape {tuple(image.shape)}; expected a 3-D volume: "
+                                    "re-export it as a single 3-D NIfTI"))
+            continue
+        if name == reference_name:
+            continue
+        ref = headers[reference_name]
+        if tuple(image.shape) != tuple(ref.shape):
+            problems.append(Problem(case.case_id, str(path),
+                                    f"{name} shape {tuple(image.shape)} differs from {reference_name}'s "
+                                    f"{tuple(ref.shape)}; expected all files of a case on one grid: "
+                                    "resample or re-export the case"))
+        else:
+            diff = float(np.max(np.abs(np.asarray(image.affine) - np.asarray(ref.affine))))
+            if diff > AFFINE_TOLERANCE_MM:
+                problems.append(Problem(case.case_id, str(path),
+                                        f"{name} affine differs from {reference_name}'s (max difference "
+                                        f"{diff:.4g}); expected all files of a case co-registered with one "
+                                        "affine: re-register or re-export the case"))
+    if fast:
+        return problems
+    for name, path in zip(names, case.files, strict=True):
+        if name not in headers:
+            continue
+        try:
+            data = read_voxels(headers[name], path)
+        except VolumeReadError as err:
+            problems.append(Problem(case.case_id, str(path), f"{name} unreadable: {err}"))
+            continue
+        if data.dtype.kind == "f":
+            bad = int(np.count_nonzero(~np.isfinite(data)))
+            if bad:
+                problems.append(Problem(case.case_id, str(path),
+                                        f"{name} holds {bad} non-finite voxels (NaN/inf); expected finite "
+                                        "values: re-export the file or set those voxels to 0"))
+                data = np.nan_to_num(data, nan=0.0, posinf=0.0, neginf=0.0)
+        if name != "seg":
+            if not np.any(data):
+                problems.append(Problem(case.case_id, str(path),
+                                        f"{name} is all zeros; expected a brain image for each of "
+                                        f"{', '.join(MODALITIES)}: re-export the sequence or drop the case"))
+            continue
+        if data.dtype.kind == "f":
+            fractional = data != np.rint(data)
+            if fractional.any():
+                examples = np.unique(data[fractional])[:3].tolist()
+                problems.append(Problem(case.case_id, str(path),
+                                        f"seg holds non-integer labels (e.g. {examples}, "
+                                        f"{int(fractional.sum())} voxels); expected integer labels "
+                                        f"{case.convention.labels}: re-export the segmentation with "
+                                        "nearest-neighbour interpolation"))
+                continue
+            data = np.rint(data).astype(np.int64)
+        bad_labels = unexpected_labels(data, case.convention)
+        if bad_labels:
+            counts = ", ".join(f"{v}: {int(np.count_nonzero(data == v))} voxels" for v in bad_labels)
+            problems.append(Problem(case.case_id, str(path),
+                                    f"seg holds label(s) {bad_labels} ({counts}) outside the "
+                                    f"{case.convention.name} set {case.convention.labels}; "
+                                    f"{_label_hint(case.convention.name, bad_labels)}"))
+    return problems
+
+
+def _check_case_job(args: tuple[Case, bool]) -> list[Problem]:
+    return check_case(*args)
+
+
+def check_dataset(root: str | Path, fast: bool = False, workers: int = 1) -> list[Problem]:
+    """Every problem of the data set under ``root`` (empty list when clean).
+
+    Args:
+        root: data set folder (one subfolder per case) or one case folder.
+        fast: headers only (presence, readability, shapes, affines): no voxel reads.
+        workers: processes for the per-case checks (1: in this process).
+    """
+    cases, issues = scan_dataset(root)
+    problems = [Problem(i.case, i.file, i.message) for i in issues]
+    if workers > 1 and len(cases) > 1:
+        context = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(min(workers, len(cases)), mp_context=context) as pool:
+            for found in pool.map(_check_case_job, [(c, fast) for c in cases]):
+                problems += found
+    else:
+        for case in cases:
+            problems += check_case(case, fast)
+    return sorted(problems, key=lambda p: (p.case, p.file))
+
+
+def count_cases(root: str | Path) -> int:
+    """Number of complete cases found under ``root``."""
+    return len(scan_dataset(root)[0])
+
+
+# --------------------------------------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Arguments of ``brats-lightning check-data``."""
+    from brats_lightning.data.preprocess import default_workers
+
+    parser.add_argument("data", type=Path, help="data set folder (one subfolder per case) or one case folder")
+    parser.add_argument("--fast", action="store_true",
+                        help="headers only: presence, readability, shapes, affines (seconds)")
+    parser.add_argument("--workers", type=int, default=default_workers(),
+                        help="processes for the voxel checks (default: CPU count, at most 8)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Print every problem as one table; exit code 1 when there is any."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    problems = check_dataset(args.data, fast=args.fast, workers=args.workers)
+    n_cases = count_cases(args.data)
+    mode = "headers only" if args.fast else "full check"
+    if not problems:
+        console.print(f"{n_cases} cases, no problems ({mode}) in {args.data}")
+        return 0
+    table = Table(title=f"check-data {args.data} ({mode})", show_lines=False)
+    table.add_column("case", style="bold")
+    table.add_column("file")
+    table.add_column("problem", overflow="fold")
+    root = Path(args.data)
+    for problem in problems:
+        path = Path(problem.file)
+        shown = str(path.relative_to(root)) if path.is_relative_to(root) and path != root else problem.file
+        table.add_row(problem.case, shown, problem.message)
+    console.print(table)
+    n_bad = len({p.case for p in problems})
+    console.print(f"[red]{len(problems)} problem(s) in {n_bad} case(s)[/red] "
+                  f"({n_cases} complete cases found)")
+    return 1
