@@ -46,6 +46,7 @@ import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -235,7 +236,7 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pat
 
 def summary_table(summary: pd.DataFrame, label: str) -> Table:
     """A rich Table of the summary (mean, std, median per metric and region) for the console."""
-    table = Table(title=f"BraTS evaluation: {label}")
+    table = Table(title=f"BraTS evaluation: {escape(label)}")
     table.add_column("metric")
     for region in ("ET", "WT", "TC"):
         table.add_column(region, justify="right")

@@ -1,0 +1,193 @@
+"""Cross-validation report: the paper's Table 2 from a sweep's run.json files (paper section 2.7).
+
+Command line: ``brats-lightning cv-report OUTPUTS [--out DIR]``.
+
+* Every ``run.json`` under ``OUTPUTS`` (any depth; CONTRACTS.md, Training) is one fold of one configuration.
+  A configuration is (``pipeline``, ``model``, cleaned = non-empty ``exclude`` list, ``experiment`` when
+  run.json has that key); its label reads ``A / unet``, ``A / unet + cleaned``, ``A / unet [name]``. When one
+  configuration has the same fold twice (a rerun), the most recently written run.json is used (warned).
+* Per configuration: Dice ET, WT, TC as mean (std) over folds of ``val_metrics`` (std = sample standard
+  deviation, ddof = 1; shown as "-" with one fold), and the number of folds. Runs with ``val_metrics_swa``
+  (fast-SWA weights, paper section 2.4) add a row ``<label> + SWA`` from those.
+* Out-of-fold evaluations: every ``OUTPUTS/oof/<name>/cases.csv`` (the per-case file written by
+  ``brats-lightning evaluate --out OUTPUTS/oof/<name>``) adds a row ``<name>`` with Dice and HD95 per region
+  as mean (std) over cases.
+
+Writes ``cv_report.md`` and ``cv_report.csv`` into ``--out`` (default ``OUTPUTS``) and prints the table.
+``cv_report.csv`` has one row per table row: ``label, source ("cv" or "oof"), n, folds`` then
+``<metric>_<region>_mean`` and ``_std`` for dice and hd95 (HD95 only for out-of-fold rows).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.markup import escape
+from rich.table import Table
+
+from brats_lightning.inference.runs import Run, find_runs
+
+log = logging.getLogger(__name__)
+
+OOF_DIR = "oof"
+"""Out-of-fold evaluations are looked for in ``OUTPUTS/oof/<name>/cases.csv``."""
+REPORT_MD = "cv_report.md"
+REPORT_CSV = "cv_report.csv"
+TABLE_REGIONS: tuple[str, ...] = ("et", "wt", "tc")
+"""Region order of the paper's tables (ET, WT, TC)."""
+CSV_COLUMNS: tuple[str, ...] = ("label", "source", "n", "folds", *(
+    f"{metric}_{region}_{stat}" for metric in ("dice", "hd95") for region in TABLE_REGIONS
+    for stat in ("mean", "std")))
+
+
+def config_label(run: Run) -> str:
+    """``<pipeline> / <model>``, plus `` + cleaned`` when the run excluded cases, plus ``[experiment]``."""
+    label = f"{run.pipeline} / {run.model}"
+    if run.info.get("exclude"):
+        label += " + cleaned"
+    if run.info.get("experiment"):
+        label += f" [{run.info['experiment']}]"
+    return label
+
+
+def group_runs(runs: Sequence[Run]) -> dict[str, dict[int, Run]]:
+    """``{configuration label: {fold: run}}``; of two runs of one fold, the newer run.json wins (warned)."""
+    groups: dict[str, dict[int, Run]] = {}
+    for run in sorted(runs, key=lambda r: r.path.stat().st_mtime):
+        folds = groups.setdefault(config_label(run), {})
+        if run.fold in folds:
+            log.warning("%s: fold %d appears twice (%s and %s); using the newer %s", config_label(run),
+                        run.fold, folds[run.fold].path, run.path, run.path)
+        folds[run.fold] = run
+    return dict(sorted(groups.items()))
+
+
+def _stats_row(label: str, source: str, frame: pd.DataFrame, folds: str = "") -> dict[str, object]:
+    row: dict[str, object] = {"label": label, "source": source, "n": len(frame), "folds": folds}
+    for metric in ("dice", "hd95"):
+        for region in TABLE_REGIONS:
+            column = f"{metric}_{region}"
+            values = frame[column].astype(float) if column in frame else pd.Series(dtype=float)
+            row[f"{column}_mean"] = values.mean() if len(values) else np.nan
+            row[f"{column}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+    return row
+
+
+def cv_rows(runs: Sequence[Run]) -> list[dict[str, object]]:
+    """Table 2 rows: per configuration, mean and std over folds of val_metrics (and of val_metrics_swa)."""
+    rows = []
+    for label, folds in group_runs(runs).items():
+        for key, suffix in (("val_metrics", ""), ("val_metrics_swa", " + SWA")):
+            scored = {fold: run.info[key] for fold, run in sorted(folds.items()) if run.info.get(key)}
+            if key == "val_metrics":
+                unscored = [str(run.path) for run in folds.values() if not run.info.get(key)]
+                if unscored:
+                    log.warning("%s: %d run(s) without val_metrics left out: %s", label, len(unscored),
+                                ", ".join(unscored))
+            if scored:
+                frame = pd.DataFrame(list(scored.values()))
+                rows.append(_stats_row(label + suffix, "cv", frame, ",".join(map(str, scored))))
+    return rows
+
+
+def oof_rows(outputs: Path) -> list[dict[str, object]]:
+    """One row per ``OUTPUTS/oof/<name>/cases.csv``: Dice and HD95 mean and std over its cases."""
+    rows = []
+    for path in sorted((outputs / OOF_DIR).glob("*/cases.csv")):
+        frame = pd.read_csv(path)
+        missing = [f"{m}_{r}" for m in ("dice", "hd95") for r in TABLE_REGIONS if f"{m}_{r}" not in frame]
+        if missing:
+            raise ValueError(f"{path}: columns {missing} missing; expected the cases.csv written by "
+                             "`brats-lightning evaluate`")
+        rows.append(_stats_row(path.parent.name, "oof", frame))
+    return rows
+
+
+def _cell(row: dict[str, object] | pd.Series, key: str, digits: int) -> str:
+    mean, std = row[f"{key}_mean"], row[f"{key}_std"]
+    if pd.isna(mean):
+        return "-"
+    return f"{mean:.{digits}f} ({'-' if pd.isna(std) else f'{std:.{max(digits - 1, 1)}f}'})"
+
+
+def report_markdown(table: pd.DataFrame, outputs: Path) -> str:
+    """``cv_report.md``: Table 2 layout for the folds, then the out-of-fold evaluations."""
+    cv, oof = table[table["source"] == "cv"], table[table["source"] == "oof"]
+    lines = [f"# Cross-validation report: {outputs}", ""]
+    lines += ["## Cross-validation (paper Table 2): validation Dice per fold, mean (std) over folds", "",
+              "| Dice: mean(std) | ET | WT | TC | folds |", "|---|---|---|---|---|"]
+    lines += [f"| {r['label']} | " + " | ".join(_cell(r, f"dice_{g}", 4) for g in TABLE_REGIONS)
+              + f" | {r['n']} ({r['folds']}) |" for _, r in cv.iterrows()]
+    if cv.empty:
+        lines.append("| (no run.json with val_metrics found) | - | - | - | 0 |")
+    lines += ["", f"## Out-of-fold evaluation (`{OOF_DIR}/<name>/cases.csv`): mean (std) over cases", ""]
+    if oof.empty:
+        lines.append(f"None found (run `brats-lightning evaluate --out {outputs / OOF_DIR}/<name>`).")
+    else:
+        lines += ["| Data | cases | Dice ET | Dice WT | Dice TC | HD95 ET | HD95 WT | HD95 TC |",
+                  "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['label']} | {r['n']} | "
+                  + " | ".join(_cell(r, f"dice_{g}", 4) for g in TABLE_REGIONS) + " | "
+                  + " | ".join(_cell(r, f"hd95_{g}", 2) for g in TABLE_REGIONS) + " |"
+                  for _, r in oof.iterrows()]
+    return "\n".join(lines) + "\n"
+
+
+def cv_report(outputs: str | Path, out_dir: str | Path | None = None) -> pd.DataFrame:
+    """Build the report of every run under ``outputs``; write cv_report.md / .csv into ``out_dir``.
+
+    Args:
+        outputs: the training outputs folder (searched recursively for run.json).
+        out_dir: where the report goes (default ``outputs``).
+
+    Returns:
+        The table (columns :data:`CSV_COLUMNS`), cross-validation rows first.
+    """
+    outputs = Path(outputs)
+    table = pd.DataFrame(cv_rows(find_runs(outputs)) + oof_rows(outputs), columns=list(CSV_COLUMNS))
+    if table.empty:
+        raise FileNotFoundError(f"{outputs}: no run.json with val_metrics and no {OOF_DIR}/<name>/cases.csv "
+                                "found; expected the outputs folder of train.py runs")
+    out_dir = Path(out_dir) if out_dir is not None else outputs
+    out_dir.mkdir(parents=True, exist_ok=True)
+    table.to_csv(out_dir / REPORT_CSV, index=False, float_format="%.6f")
+    (out_dir / REPORT_MD).write_text(report_markdown(table, outputs))
+    return table
+
+
+def rich_table(table: pd.DataFrame) -> Table:
+    """The report as a rich Table for the console."""
+    out = Table(title="Cross-validation (Dice mean (std)); out-of-fold rows add HD95")
+    for name in ("configuration", "n", "Dice ET", "Dice WT", "Dice TC", "HD95 ET", "HD95 WT", "HD95 TC"):
+        out.add_column(name, justify="left" if name == "configuration" else "right")
+    for _, row in table.iterrows():
+        name = row["label"] + (" (out-of-fold)" if row["source"] == "oof" else "")
+        unit = ("case" if row["source"] == "oof" else "fold") + ("s" if row["n"] != 1 else "")
+        out.add_row(escape(name), f"{row['n']} {unit}", *(_cell(row, f"dice_{g}", 4) for g in TABLE_REGIONS),
+                    *(_cell(row, f"hd95_{g}", 2) for g in TABLE_REGIONS))
+    return out
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``brats-lightning cv-report``."""
+    parser.add_argument("outputs", type=Path, help="training outputs folder (searched for run.json)")
+    parser.add_argument("--out", type=Path, default=None,
+                        help="where cv_report.md/.csv go (default: OUTPUTS)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Run ``brats-lightning cv-report``."""
+    logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    table = cv_report(args.outputs, args.out)
+    console = Console()
+    console.print(rich_table(table))
+    out_dir = args.out or args.outputs
+    console.print(f"wrote {out_dir / REPORT_MD} and {out_dir / REPORT_CSV}")
+    return 0
