@@ -122,7 +122,7 @@ def merge_folders(
     Raises:
         ValueError: different case sets, shapes, affines, label conventions, or unknown label codes.
     """
-    from brats_lightning.data.io import load_volume, save_label_map
+    from brats_lightning.data.io import load_volume, save_label_map, to_label_map
 
     a_dir, b_dir, out_dir = Path(a_dir), Path(b_dir), Path(out_dir)
     a_paths, b_paths = label_map_paths(a_dir), label_map_paths(b_dir)
@@ -148,8 +148,8 @@ def merge_folders(
     loaded: dict[str, tuple[np.ndarray, np.ndarray, object]] = {}
     # Label maps are small (uint8); the convention check needs to see all of them when it is inferred.
     for case_id in sorted(a_paths):
-        a, a_img = load_volume(a_paths[case_id])
-        b, b_img = load_volume(b_paths[case_id])
+        a, a_img = load_volume(a_paths[case_id], dtype=None)
+        b, b_img = load_volume(b_paths[case_id], dtype=None)
         if a.shape != b.shape:
             raise ValueError(
                 f"merge: case {case_id}: A {a_paths[case_id]} has shape {a.shape}, B {b_paths[case_id]} "
@@ -160,7 +160,7 @@ def merge_folders(
                 f"merge: case {case_id}: affines differ between A {a_paths[case_id]} and B "
                 f"{b_paths[case_id]}:\n{a_img.affine}\nvs\n{b_img.affine}"
             )
-        loaded[case_id] = (np.asarray(a).astype(np.int16), np.asarray(b).astype(np.int16), a_img)
+        loaded[case_id] = (to_label_map(a, a_paths[case_id]), to_label_map(b, b_paths[case_id]), a_img)
     if conv is None:
         conv = _infer_convention({k: v[0] for k, v in loaded.items()}, str(a_dir))
         conv_b = _infer_convention({k: v[1] for k, v in loaded.items()}, str(b_dir))

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from brats_lightning.precision import cpu_supports_bf16
+
 log = logging.getLogger(__name__)
 
 AXIAL_DIMS = (-3, -2)
@@ -110,14 +112,6 @@ def get_views(name: str) -> tuple[View, ...]:
         raise ValueError(f"unknown TTA view set {name!r}; expected one of {sorted(VIEW_SETS)}") from None
 
 
-def bf16_supported_on_cpu() -> bool:
-    """Whether this CPU runs bf16 natively (oneDNN); where not, CPU inference stays in fp32."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):  # pragma: no cover - depends on the torch build
-        return False
-
-
 def resolve_amp_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype | None:
     """Autocast dtype for inference on ``device``.
 
@@ -140,7 +134,7 @@ def resolve_amp_dtype(device: torch.device | str, precision: str = "auto") -> to
     if device.type == "cuda":
         return torch.float16
     if device.type == "cpu":
-        if bf16_supported_on_cpu():
+        if cpu_supports_bf16():
             return torch.bfloat16
         log.info("this CPU has no native bf16: inference runs in fp32")
     return None

@@ -8,6 +8,8 @@ import json
 from pathlib import Path
 
 import hydra.utils
+import nibabel as nib
+import numpy as np
 import pytest
 import torch
 
@@ -35,21 +37,21 @@ def make_run(
     channels: tuple[str, ...] = ("t1", "t1ce", "t2", "flair"),
     normalization: str | None = None,
     name: str | None = None,
-    bias: dict[int, float] | None = None,
+    model_config: dict | None = None,
+    weights: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write a tiny trained-looking run (real network, real checkpoint) and return its run.json path.
 
-    ``bias`` optionally sets the head's output biases (channel -> value) so that predictions are non-trivial.
+    ``model_config`` replaces the width-4 EquiUnet (any importable nn.Module); ``weights`` are loaded into the
+    network before it is saved.
     """
     run_dir = root / pipeline / model / (name or f"fold{fold}")
     (run_dir / "checkpoints").mkdir(parents=True, exist_ok=True)
-    config = dict(MODEL_CONFIGS[pipeline], in_channels=len(channels))
+    config = model_config or dict(MODEL_CONFIGS[pipeline], in_channels=len(channels))
     torch.manual_seed(seed)
     net = hydra.utils.instantiate(config)
-    if bias:
-        with torch.no_grad():
-            for channel, value in bias.items():
-                net.head.bias[channel] = value
+    if weights:
+        net.load_state_dict(weights)
     state = {"state_dict": {f"net.{k}": v for k, v in net.state_dict().items()}, "epoch": 1}
     checkpoints = {"best": str(run_dir / "checkpoints" / "best.ckpt"),
                    "last": str(run_dir / "checkpoints" / "last.ckpt"), "swa": None}
@@ -90,3 +92,64 @@ def tiny_run_factory(tmp_path):
 
     factory.root = root
     return factory
+
+
+def write_case(
+    root: Path,
+    case_id: str,
+    shape: tuple[int, int, int] = (22, 26, 18),
+    affine: np.ndarray | None = None,
+    seed: int = 0,
+    with_seg: bool = True,
+    brain_margin: tuple[int, int, int] = (3, 3, 2),
+) -> Path:
+    """Write a small BraTS 2020-style case (4 modalities, optional seg) and return its folder.
+
+    The brain is an ellipsoid inside a margin of zeros (so the brain box is smaller than the grid and its
+    sides are not multiples of 8); a spherical tumour with ET, NCR/NET and edema shells lies inside it.
+    """
+    rng = np.random.default_rng(seed)
+    if affine is None:  # non-trivial: LPS-like flips, 2 mm in-plane, 2.5 mm slices, an offset
+        affine = np.array([[-2.0, 0, 0, 31.5], [0, -2.0, 0, 40.25], [0, 0, 2.5, -17.0], [0, 0, 0, 1]])
+    box = tuple(slice(m, s - m) for m, s in zip(brain_margin, shape, strict=True))
+    inner = tuple(b.stop - b.start for b in box)
+    grid = np.stack(np.meshgrid(*[np.arange(s, dtype=np.float32) for s in inner], indexing="ij"))
+    centre = (np.array(inner, dtype=np.float32) / 2 - 0.5)[:, None, None, None]
+    brain = (((grid - centre) / centre) ** 2).sum(0) <= 1.02
+    shift = rng.integers(-1, 2, size=3)[:, None, None, None]
+    r = np.sqrt((((grid - centre - shift) * np.array([1.0, 1.0, 1.25], np.float32)[:, None, None, None]) ** 2)
+                .sum(0))
+    seg_box = np.zeros(inner, np.uint8)
+    seg_box[brain & (r < 4.5)] = 2
+    seg_box[brain & (r < 3)] = 4
+    seg_box[brain & (r < 1.5)] = 1
+    folder = root / case_id
+    folder.mkdir(parents=True, exist_ok=True)
+    boost = {"t1": {}, "t1ce": {4: 120, 1: -30}, "t2": {2: 60, 1: 80}, "flair": {2: 90, 4: 40, 1: 30}}
+    for modality, extra in boost.items():
+        values = rng.uniform(80, 120, inner).astype(np.float32)
+        for code, delta in extra.items():
+            values[seg_box == code] += delta
+        image = np.zeros(shape, np.float32)
+        image[box] = values * brain
+        nib.Nifti1Image(image, affine).to_filename(folder / f"{case_id}_{modality}.nii.gz")
+    if with_seg:
+        seg = np.zeros(shape, np.uint8)
+        seg[box] = seg_box
+        nib.Nifti1Image(seg, affine).to_filename(folder / f"{case_id}_seg.nii.gz")
+    return folder
+
+
+@pytest.fixture
+def tiny_dataset(tmp_path):
+    """Three labeled cases under ``tmp_path / "data"`` (case ids case_000..case_002)."""
+    root = tmp_path / "data"
+    for i in range(3):
+        write_case(root, f"case_{i:03d}", seed=i)
+    return root
+
+
+@pytest.fixture
+def case_writer():
+    """:func:`write_case` as a fixture (tests have no package to import it from)."""
+    return write_case
