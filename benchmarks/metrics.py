@@ -1,0 +1,130 @@
+"""Time the BraTS metrics of one realistic case: Dice, HD95, sensitivity, specificity for ET, TC and WT.
+
+The case: a 240x240x155 grid at 1 mm (BraTS), a tumour about 60 mm across (whole tumour), a ~36 mm core
+with an enhancing rim around necrosis, all with irregular (noise-perturbed) borders; the prediction is the
+ground truth shifted by (2, -1, 1) voxels with its borders perturbed again. ``case_metrics`` works on the
+union bounding box of each region's two masks; the baseline applies the same SPEC.md recipe (erosion,
+Euclidean distance transforms) to the whole volume, and both must give the same HD95.
+
+Usage (from the repository root): ``python -m benchmarks.metrics [--repeats 5] [--no-record]``. The process
+pins itself to one CPU core where the OS allows it (``os.sched_setaffinity``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from collections.abc import Callable
+
+import numpy as np
+from rich.console import Console
+from rich.table import Table
+from scipy import ndimage
+
+from benchmarks.common import describe_device, record
+from brats_lightning.data.labels import BRATS2020, labels_to_regions
+from brats_lightning.metrics import REGION_NAMES, case_metrics
+
+SHAPE = (240, 240, 155)
+COLUMNS = ["variant", "case", "median ms", "min ms", "HD95 ET / TC / WT (mm)", "Dice ET / TC / WT"]
+
+
+def realistic_case(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """(ground truth, prediction) label maps, BraTS 2020 codes, on the 240x240x155 grid."""
+    rng = np.random.default_rng(seed)
+    x, y, z = np.ogrid[: SHAPE[0], : SHAPE[1], : SHAPE[2]]
+
+    def tumour(centre: tuple[int, int, int], noise_seed: int) -> np.ndarray:
+        noise = ndimage.gaussian_filter(np.random.default_rng(noise_seed).standard_normal((80, 80, 80)), 3)
+        noise = noise / noise.std() * 1.5  # irregular borders: +-1.5 mm (1 sd)
+        r = np.sqrt((x - centre[0]) ** 2 + ((y - centre[1]) / 1.1) ** 2 + ((z - centre[2]) / 0.9) ** 2)
+        labels = np.zeros(SHAPE, np.uint8)
+        box = tuple(slice(c - 40, c + 40) for c in centre)
+        rb = r[box] + noise
+        labels[box][rb < 30] = 2   # edema: whole tumour ~60 mm across
+        labels[box][rb < 18] = 4   # enhancing rim
+        labels[box][rb < 12] = 1   # necrosis
+        return labels
+
+    gt = tumour((130, 110, 80), int(rng.integers(1 << 30)))
+    pred = tumour((132, 109, 81), int(rng.integers(1 << 30)))
+    return gt, pred
+
+
+def _time(fn: Callable[[], dict[str, float]], repeats: int) -> tuple[list[float], dict[str, float]]:
+    times, result = [], {}
+    for _ in range(repeats):
+        start = time.perf_counter()
+        result = fn()
+        times.append((time.perf_counter() - start) * 1000)
+    return times, result
+
+
+def whole_volume_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    """The SPEC.md recipe on the whole volume (the baseline the bounding-box crop must equal)."""
+    structure = ndimage.generate_binary_structure(3, 1)
+    out = {}
+    for i, name in enumerate(REGION_NAMES):
+        a, b = pred[i], gt[i]
+        sa = a ^ ndimage.binary_erosion(a, structure=structure, border_value=0)
+        sb = b ^ ndimage.binary_erosion(b, structure=structure, border_value=0)
+        distances = np.concatenate([ndimage.distance_transform_edt(~sb)[sa],
+                                    ndimage.distance_transform_edt(~sa)[sb]])
+        out[f"hd95_{name}"] = float(np.percentile(distances, 95))
+        out[f"dice_{name}"] = 2 * np.count_nonzero(a & b) / (np.count_nonzero(a) + np.count_nonzero(b))
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--baseline-repeats", type=int, default=2)
+    parser.add_argument("--no-record", action="store_true", help="print only; no JSON, no RESULTS.md row")
+    args = parser.parse_args()
+    pinned = None
+    if hasattr(os, "sched_setaffinity"):
+        pinned = min(os.sched_getaffinity(0))
+        os.sched_setaffinity(0, {pinned})
+    gt_labels, pred_labels = realistic_case()
+    gt, pred = labels_to_regions(gt_labels, BRATS2020), labels_to_regions(pred_labels, BRATS2020)
+    wt_extent = [int(s.stop - s.start) for s in ndimage.find_objects(gt[2].astype(np.uint8))[0]]
+
+    def triple(result: dict[str, float], key: str, fmt: str) -> str:
+        return " / ".join(format(result[f"{key}_{r}"], fmt) for r in REGION_NAMES)
+
+    rows = []
+    variants = [("case_metrics (bounding box)", lambda: case_metrics(pred, gt), args.repeats),
+                ("case_metrics, hd95=False", lambda: case_metrics(pred, gt, hd95=False), args.repeats),
+                ("whole volume (baseline)", lambda: whole_volume_metrics(pred, gt), args.baseline_repeats)]
+    results = {}
+    for name, fn, repeats in variants:
+        times, result = _time(fn, repeats)
+        results[name] = result
+        hd = triple(result, "hd95", ".3f") if "hd95_et" in result else "-"
+        case = f"{'x'.join(map(str, SHAPE))}, WT {'x'.join(map(str, wt_extent))} vox, 1 core"
+        rows.append([name, case, f"{statistics.median(times):.0f}", f"{min(times):.0f}", hd,
+                     triple(result, "dice", ".4f")])
+    ours, baseline = results["case_metrics (bounding box)"], results["whole volume (baseline)"]
+    for key in baseline:
+        if abs(ours[key] - baseline[key]) > 1e-9:
+            raise SystemExit(f"metrics benchmark: {key} differs: bounding box {ours[key]} vs whole volume "
+                             f"{baseline[key]}")
+    info = describe_device("cpu")
+    info["pinned_cpu"] = pinned
+    note = (f"one case {SHAPE}, whole tumour extent {wt_extent} voxels (1 mm), prediction = perturbed ground "
+            f"truth; {'pinned to CPU ' + str(pinned) if pinned is not None else 'not pinned'}; "
+            f"{args.repeats} repeats (baseline {args.baseline_repeats}); HD95 identical to the baseline")
+    table = Table(title=f"BraTS metrics, one case: {note}")
+    for column in COLUMNS:
+        table.add_column(column)
+    for row in rows:
+        table.add_row(*row)
+    Console().print(table)
+    if not args.no_record:
+        record("metrics", info, {**vars(args), "wt_extent_voxels": wt_extent}, COLUMNS, rows)
+
+
+if __name__ == "__main__":
+    main()
