@@ -1,0 +1,149 @@
+"""The LightningModule: deep-supervised Dice training, whole-brain validation, optimizers and schedules.
+
+Paper sections 2.2-2.5 / SPEC.md "Loss", "Augmentation", "Training". One module serves both pipelines;
+everything that differs between them comes from the ``pipeline`` config (conf/pipeline/A.yaml, B.yaml):
+the Dice loss denominator (A squared, B plain), the batch augmentation probabilities, the optimizer
+(A Ranger, B Adam) and the schedule. The network is built from the ``model`` config with
+``hydra.utils.instantiate`` and kept as ``self.net``, so checkpoint keys are ``net.<param>`` (CONTRACTS.md).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import hydra.utils
+import pytorch_lightning as pl
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from brats_lightning.data.augment import BatchAugment
+from brats_lightning.data.labels import REGIONS
+from brats_lightning.data.preprocess import Box
+from brats_lightning.losses import DeepSupervisionLoss, DiceLoss
+from brats_lightning.metrics import case_metrics, region_dice
+from brats_lightning.optim import build_optimizer, build_scheduler
+
+
+def _plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
+    """A resolved plain ``dict`` copy of a config node (so checkpoints hold no OmegaConf objects)."""
+    if cfg is None:
+        return {}
+    if isinstance(cfg, DictConfig):
+        return OmegaConf.to_container(cfg, resolve=True)  # type: ignore[return-value]
+    return {k: _plain(v) if isinstance(v, (Mapping, DictConfig)) else v for k, v in cfg.items()}
+
+
+class BratsModule(pl.LightningModule):
+    """BraTS region segmentation (ET, TC, WT) with a deeply supervised 3D U-Net.
+
+    Training batches ``{"image": (B, 4, X, Y, Z), "target": (B, 3, X, Y, Z) bool, "case_id": [...]}`` are
+    augmented on the device (:class:`~brats_lightning.data.augment.BatchAugment`, training only), and the loss
+    is ``DeepSupervisionLoss(DiceLoss(squared))`` (main output + 4 deep heads). Validation batches hold the
+    whole brain box padded to a multiple of 8 plus the unpadding ``box`` (CONTRACTS.md); logits are unpadded,
+    thresholded at sigmoid > 0.5 and scored per case with :func:`~brats_lightning.metrics.region_dice`.
+
+    Logged: ``train/loss`` (step and epoch), ``val/loss``, ``val/dice_et``, ``val/dice_tc``, ``val/dice_wt``,
+    ``val/dice_mean`` (means over validation cases) and, when ``validation.hd95`` is true, ``val/hd95_*``.
+
+    Args:
+        model_config: Hydra config of the network (``_target_`` + kwargs), e.g. conf/model/equiunet.yaml.
+        pipeline: the pipeline config: ``loss.squared``, ``augment`` (BatchAugment kwargs, or null for none),
+            ``optimizer`` (:func:`~brats_lightning.optim.build_optimizer`), ``scheduler``
+            (:func:`~brats_lightning.optim.build_scheduler`).
+        validation: ``{"hd95": bool}`` (HD95 per validation case; slower).
+    """
+
+    def __init__(
+        self,
+        model_config: Mapping[str, Any],
+        pipeline: Mapping[str, Any],
+        validation: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__()
+        model_config, pipeline, validation = _plain(model_config), _plain(pipeline), _plain(validation)
+        self.save_hyperparameters(
+            {"model_config": model_config, "pipeline": pipeline, "validation": validation})
+        self.net = hydra.utils.instantiate(model_config)
+        self.loss = DeepSupervisionLoss(DiceLoss(squared=bool(pipeline["loss"]["squared"])))
+        augment = pipeline.get("augment")
+        if augment and "_target_" in augment:
+            self.augment = hydra.utils.instantiate(augment)
+        else:
+            self.augment = BatchAugment(**augment) if augment else None
+        self.hd95 = bool(validation.get("hd95", False))
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> BratsModule:
+        """Build from the full training config (``cfg.model``, ``cfg.pipeline``, ``cfg.validation``)."""
+        return cls(cfg.model, cfg.pipeline, cfg.get("validation"))
+
+    def forward(self, image: torch.Tensor) -> Any:
+        """The network's output: logits, or ``(logits, [deep logits])`` in training mode."""
+        return self.net(image)
+
+    def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
+        """Per-sample augmentation on the device, training batches only (SPEC.md "Augmentation")."""
+        if self.augment is not None and self.trainer.training:
+            image, target = self.augment(batch["image"], batch["target"].float())
+            batch = {**batch, "image": image, "target": target}
+        return batch
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Deep-supervision Dice loss on one batch of crops.
+
+        Returns:
+            ``{"loss", "case_losses": (B,) detached main-output Dice loss per case, "case_id"}``; the per-case
+            losses serve patient filtering (SPEC.md "Training").
+        """
+        image, target = batch["image"], batch["target"]
+        output = self.net(image)
+        loss = self.loss(output, target)
+        logits = output[0] if isinstance(output, (tuple, list)) else output
+        with torch.no_grad():
+            case_losses = self.loss.base.per_sample(logits.detach(), target).mean(dim=1)
+        self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
+        return {"loss": loss, "case_losses": case_losses, "case_id": batch.get("case_id")}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Whole-brain prediction, unpadded, scored per case.
+
+        Returns:
+            ``{"loss": mean Dice loss of the batch, "pred_regions": bool (B, 3, X, Y, Z) unpadded,
+            "case_id": [...]}`` for callbacks (CONTRACTS.md).
+        """
+        image, target, boxes = batch["image"], batch["target"], batch["box"]
+        logits = self.net(image)
+        if isinstance(logits, (tuple, list)):  # a network left in training mode by a callback
+            logits = logits[0]
+        losses, preds, extra = [], [], []
+        for i, box_info in enumerate(boxes):
+            box = box_info if isinstance(box_info, Box) else Box.from_dict(box_info)
+            case_logits = logits[i : i + 1][(slice(None), slice(None), *box.slices)]
+            case_target = target[i : i + 1]
+            losses.append(self.loss(case_logits, case_target))
+            preds.append(torch.sigmoid(case_logits.float()) > 0.5)
+            if self.hd95:
+                spacing = tuple(batch["spacing"][i]) if "spacing" in batch else (1.0, 1.0, 1.0)
+                extra.append(case_metrics(preds[-1][0].cpu().numpy(), case_target[0].cpu().numpy(),
+                                          spacing=spacing, hd95=True))
+        pred = torch.cat(preds)
+        loss = torch.stack(losses).mean()
+        dice = region_dice(pred, target.bool()).float()  # (B, 3), BraTS empty rules
+        batch_size = image.shape[0]
+        metrics = {"val/loss": loss, "val/dice_mean": dice.mean()}
+        for c, region in enumerate(REGIONS):
+            metrics[f"val/dice_{region.lower()}"] = dice[:, c].mean()
+        if extra:
+            for region in REGIONS:
+                key = f"hd95_{region.lower()}"
+                metrics[f"val/{key}"] = torch.tensor(sum(m[key] for m in extra) / len(extra))
+        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
+        return {"loss": loss, "pred_regions": pred, "case_id": list(batch["case_id"])}
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """Optimizer and per-epoch schedule from ``pipeline.optimizer`` / ``pipeline.scheduler``."""
+        pipeline = self.hparams["pipeline"]
+        optimizer = build_optimizer(self.net.parameters(), pipeline["optimizer"])
+        scheduler = build_scheduler(optimizer, pipeline["scheduler"])
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "epoch"}}

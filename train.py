@@ -1,0 +1,164 @@
+"""Train one fold of one pipeline (Hydra entry point; paper section 2.5, SPEC.md "Training").
+
+    python train.py                                   # pipeline A, EquiUnet, synthetic data, fold 0
+    python train.py pipeline=B model=unet fold=3
+    python train.py -m fold=0,1,2,3,4 experiment=paper_A data.root=/path/to/BraTS2020_Training
+    python train.py experiment=demo pipeline=A        # CPU-sized demo (~2-3 minutes)
+
+Each job trains in ``outputs/<name>/<pipeline>/<model>/fold<k>/`` and leaves there
+``checkpoints/{best,last}.ckpt``, ``metrics.csv``, ``wandb/`` and, at the end, ``run.json``
+(CONTRACTS.md "Training"). Running the same job again resumes from ``checkpoints/last.ckpt``
+(``resume=true``) and continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import hydra
+import pytorch_lightning as pl
+from omegaconf import DictConfig, OmegaConf
+
+log = logging.getLogger("brats_lightning.train")
+
+# WANDB_MODE as the user set it when the process started (WandbLogger(offline=True) overwrites the variable).
+_USER_WANDB_MODE = os.environ.get("WANDB_MODE")
+
+
+def _instantiate_all(node: DictConfig | None) -> dict[str, Any]:
+    """Instantiate every entry of a ``{name: {_target_: ...}}`` config node, skipping null entries."""
+    if not node:
+        return {}
+    return {name: hydra.utils.instantiate(entry) for name, entry in node.items()
+            if entry is not None and "_target_" in entry}
+
+
+def build_loggers(cfg: DictConfig, run_dir: Path) -> tuple[list[Any], str | None]:
+    """Loggers from ``cfg.logger``; W&B gets the run folder's persisted id. Returns (loggers, W&B id)."""
+    from brats_lightning.runs import wandb_run_id
+
+    loggers, run_id = [], None
+    for name, entry in (cfg.get("logger") or {}).items():
+        if entry is None or "_target_" not in entry:
+            continue
+        if entry["_target_"].endswith("WandbLogger"):
+            run_id = wandb_run_id(run_dir)
+            offline = bool(entry.get("offline", True)) and _USER_WANDB_MODE is None
+            loggers.append(hydra.utils.instantiate(entry, id=run_id, offline=offline))
+        else:
+            loggers.append(hydra.utils.instantiate(entry))
+        log.debug("logger %s: %s", name, type(loggers[-1]).__name__)
+    return loggers, run_id
+
+
+def _metrics(results: list[dict[str, float]]) -> dict[str, float]:
+    """``trainer.validate`` results -> ``{"dice_et": ..., "loss": ...}`` (the ``val/`` prefix dropped)."""
+    merged: dict[str, float] = {}
+    for result in results:
+        merged.update({k.removeprefix("val/"): float(v) for k, v in result.items() if k.startswith("val/")})
+    return merged
+
+
+def train(cfg: DictConfig) -> dict[str, Any]:
+    """Train one run as configured and write its ``run.json``.
+
+    Returns:
+        The run record written to ``run.json``.
+    """
+    from brats_lightning.checkpointing import AtomicCheckpointIO
+    from brats_lightning.data.datamodule import BratsDataModule
+    from brats_lightning.data.layout import MODALITIES
+    from brats_lightning.module import BratsModule
+    from brats_lightning.precision import resolve_precision
+    from brats_lightning.runs import callback_records, merge_records, write_run_record
+
+    run_dir = Path(cfg.paths.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    pl.seed_everything(int(cfg.seed), workers=True)
+
+    datamodule = BratsDataModule.from_config(cfg)
+    module = BratsModule.from_config(cfg)
+    callbacks = _instantiate_all(cfg.get("callbacks"))
+    loggers, wandb_id = build_loggers(cfg, run_dir)
+
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    crop = cfg.data.crop_size
+    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "32-true"),
+                                                    trainer_kwargs.get("accelerator", "auto"),
+                                                    crop if isinstance(crop, int) else list(crop))
+    trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if v is not None}
+    trainer = pl.Trainer(**trainer_kwargs, callbacks=list(callbacks.values()), logger=loggers or False,
+                         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+    resolved = OmegaConf.to_container(cfg, resolve=True)
+    for logger in loggers:
+        logger.log_hyperparams(resolved)
+
+    last_cb, best_cb = callbacks.get("last_checkpoint"), callbacks.get("best_checkpoint")
+    checkpoint_dir = Path(last_cb.dirpath) if last_cb is not None else run_dir / "checkpoints"
+    last_path = checkpoint_dir / "last.ckpt"
+    ckpt_path = None
+    if cfg.get("resume", True) and last_path.is_file():
+        ckpt_path = str(last_path)
+        log.info("resuming from %s", last_path)
+
+    env_mode = os.environ.get("WANDB_MODE")
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+        best_path = Path(best_cb.best_model_path) if best_cb is not None and best_cb.best_model_path else None
+        scored = best_path if best_path is not None and best_path.is_file() else last_path
+        val_metrics = {}
+        if scored.is_file() and trainer.limit_val_batches != 0:
+            val_metrics = _metrics(trainer.validate(module, datamodule=datamodule, ckpt_path=str(scored),
+                                                    verbose=False))
+        record = {
+            "pipeline": cfg.pipeline.name,
+            "model": cfg.model_name,
+            "fold": int(cfg.fold),
+            "seed": int(cfg.seed),
+            "name": cfg.name,
+            "normalization": datamodule.cache.normalization,
+            "channels": list(MODALITIES),
+            "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+            "checkpoints": {
+                "best": str(best_path) if best_path is not None and best_path.is_file() else None,
+                "last": str(last_path) if last_path.is_file() else None,
+                "swa": None,
+            },
+            "val_metrics": val_metrics,
+            "val_metrics_checkpoint": "best" if scored == best_path else "last",
+            "val_metrics_swa": None,
+            "epochs_trained": int(trainer.current_epoch),
+            "global_step": int(trainer.global_step),
+            "precision": str(trainer_kwargs["precision"]),
+            "run_dir": str(run_dir),
+            "wandb_run_id": wandb_id,
+            **datamodule.record(),
+        }
+        record = merge_records(record, callback_records(trainer.callbacks))
+        path = write_run_record(run_dir, record)
+        log.info("run.json written: %s (val %s)", path, {k: round(v, 4) for k, v in val_metrics.items()})
+        return record
+    finally:
+        for logger in loggers:
+            if type(logger).__name__ == "WandbLogger":
+                import wandb
+
+                wandb.finish()
+        if env_mode is None:
+            os.environ.pop("WANDB_MODE", None)
+        else:
+            os.environ["WANDB_MODE"] = env_mode
+
+
+@hydra.main(version_base="1.3", config_path="conf", config_name="train")
+def main(cfg: DictConfig) -> float | None:
+    """Hydra entry: train, return the validation mean Dice (for sweepers)."""
+    record = train(cfg)
+    return record["val_metrics"].get("dice_mean")
+
+
+if __name__ == "__main__":
+    main()
