@@ -1,9 +1,12 @@
 """Validation overlays and per-case Dice during training (paper Fig. 3 style), saved as PNG and sent to W&B.
 
 :class:`OverlayCallback` reads the validation batches and outputs of CONTRACTS.md (Training):
-``batch = {"image": (B, 4, X', Y', Z'), "target": bool (B, 3, X, Y, Z), "case_id": [...]}`` where the image
-may be zero-padded beyond the target (it is cut back to ``[..., :X, :Y, :Z]``, the padding sits at the end of
-each axis), and ``outputs = {"pred_regions": bool (B, 3, X, Y, Z), ...}`` from ``validation_step``.
+``batch = {"image": (B, 4, X', Y', Z'), "target": bool (B, 3, X, Y, Z), "case_id": [...], "box": [...]}`` and
+``outputs = {"pred_regions": bool (B, 3, X, Y, Z), ...}`` from ``validation_step``. The image may be
+zero-padded beyond the target: when the batch has ``box`` (one ``{"start", "stop"}`` dict or
+:class:`~brats_lightning.data.preprocess.Box` per sample, where the data lies in the padded image, as the
+datamodule's centred ``pad_to_multiple`` gives it), the image is cut to that box; without ``box`` the
+padding is taken to sit at the end of each axis (``image[..., :X, :Y, :Z]``).
 
 Each validation epoch it
 
@@ -32,6 +35,7 @@ import torch
 from pytorch_lightning.loggers import WandbLogger
 
 from brats_lightning.data.labels import REGIONS, regions_to_labels
+from brats_lightning.data.preprocess import Box
 from brats_lightning.metrics import region_dice
 from brats_lightning.plots import OverlaySlice, draw_overlay, overlay_slice, save_figure
 
@@ -40,6 +44,19 @@ log = logging.getLogger(__name__)
 OVERLAY_KEY = "val/overlay"
 TABLE_KEY = "val/case_dice"
 TABLE_COLUMNS = ["epoch", "case", *(f"dice_{r.lower()}" for r in REGIONS)]
+
+
+def _unpadded_image(batch: dict[str, Any], index: int, spatial: tuple[int, int, int]) -> torch.Tensor:
+    """Sample ``index``'s image (4, X, Y, Z) on the target's grid: cut to ``batch["box"]`` when present."""
+    image = batch["image"][index]
+    boxes = batch.get("box")
+    if boxes is None:
+        return image[:, : spatial[0], : spatial[1], : spatial[2]]
+    box = boxes[index] if isinstance(boxes[index], Box) else Box.from_dict(boxes[index])
+    if box.shape != spatial:
+        raise ValueError(f"case {batch['case_id'][index]}: batch box {box} has shape {box.shape} but the "
+                         f"target has {spatial}; expected the box of the unpadded data in the padded image")
+    return image[(slice(None), *box.slices)]
 
 
 class OverlayCallback(pl.Callback):
@@ -59,7 +76,7 @@ class OverlayCallback(pl.Callback):
         self.cases = cases
         self.every_n_epochs = every_n_epochs
         self.case_ids: list[str] | None = None  # fixed after the first drawn validation epoch
-        self._slices: dict[str, OverlaySlice] = {}
+        self.slices: dict[str, OverlaySlice] = {}  # the current / last drawn epoch's slices, by case id
         self._dice: dict[str, list[float]] = {}
 
     def _active(self, trainer: pl.Trainer) -> bool:
@@ -70,10 +87,10 @@ class OverlayCallback(pl.Callback):
             return False
         if self.case_ids is not None:
             return case_id in self.case_ids
-        return len(self._slices) < self.cases or case_id < max(self._slices)
+        return len(self.slices) < self.cases or case_id < max(self.slices)
 
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._slices, self._dice = {}, {}
+        self.slices, self._dice = {}, {}
 
     @torch.no_grad()
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -92,27 +109,26 @@ class OverlayCallback(pl.Callback):
             self._dice[case_id] = scores[index]
             if not self._wanted(case_id):
                 continue
-            x, y, z = spatial
-            image = batch["image"][index, :, :x, :y, :z].float().cpu().numpy()
+            image = _unpadded_image(batch, index, spatial).float().cpu().numpy()
             gt = regions_to_labels(target[index].cpu().numpy())
             pr = regions_to_labels(pred[index].cpu().numpy())
-            self._slices[case_id] = overlay_slice(image, gt, pr)
-            if self.case_ids is None and len(self._slices) > self.cases:
-                del self._slices[max(self._slices)]
+            self.slices[case_id] = overlay_slice(image, gt, pr)
+            if self.case_ids is None and len(self.slices) > self.cases:
+                del self.slices[max(self.slices)]
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active(trainer):
             return
         if self.case_ids is None:
-            self.case_ids = sorted(self._slices)
+            self.case_ids = sorted(self.slices)
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "overlays"  # every rank calls log_dir
         if not trainer.is_global_zero:
             return
         epoch, step = trainer.current_epoch, trainer.global_step
         paths, captions = [], []
-        for case_id in sorted(self._slices):
+        for case_id in sorted(self.slices):
             title = f"{case_id} (epoch {epoch})"
-            figure = draw_overlay(self._slices[case_id], title, self._dice.get(case_id))
+            figure = draw_overlay(self.slices[case_id], title, self._dice.get(case_id))
             paths.append(str(save_figure(figure, folder / f"epoch{epoch:03d}_{case_id}.png")))
             captions.append(case_id)
         rows = [[epoch, case_id, *np.round(dice, 6).tolist()] for case_id, dice in sorted(self._dice.items())]

@@ -20,14 +20,29 @@ SPATIAL = (14, 15, 13)  # the unpadded target / prediction shape
 CASE_IDS = ["case_c", "case_a", "case_d", "case_b", "case_e"]  # deliberately unsorted
 
 
-def make_case(case_id: str, seed: int) -> dict:
+def make_case(case_id: str, seed: int, start: tuple[int, int, int] | None = None) -> dict:
+    """Image zero-padded to 16^3 with the data at ``start`` (and a "box" entry), or at the origin (no box).
+
+    Inside the data, every channel is 1 + 2 x WT + noise in [0, 0.5): the tumour shows where it lies.
+    """
     rng = np.random.default_rng(seed)
     x, y, z = np.ogrid[: SPATIAL[0], : SPATIAL[1], : SPATIAL[2]]
-    r2 = (x - 7) ** 2 + (y - 7) ** 2 + (z - 6) ** 2
+    r2 = (x - 7) ** 2 + (y - 6) ** 2 + (z - 6) ** 2
     target = np.stack([r2 < 4, r2 < 9, r2 < 20 + seed])  # ET, TC, WT (nested)
     image = np.zeros((4, PADDED, PADDED, PADDED), np.float32)
-    image[:, : SPATIAL[0], : SPATIAL[1], : SPATIAL[2]] = rng.random((4, *SPATIAL)) + target[2] * 2.0
-    return {"image": torch.from_numpy(image), "target": torch.from_numpy(target), "case_id": case_id}
+    offset = start or (0, 0, 0)
+    inner = tuple(slice(o, o + s) for o, s in zip(offset, SPATIAL, strict=True))
+    image[(slice(None), *inner)] = 1.0 + 0.5 * rng.random((4, *SPATIAL)) + target[2] * 2.0
+    sample = {"image": torch.from_numpy(image), "target": torch.from_numpy(target), "case_id": case_id}
+    if start is not None:
+        sample["box"] = {"start": list(start), "stop": [o + s for o, s in zip(start, SPATIAL, strict=True)]}
+    return sample
+
+
+def collate(samples: list[dict]) -> dict:
+    """Stack tensors; other keys (case ids, boxes) become lists, as the datamodule's collate does."""
+    return {key: torch.stack([s[key] for s in samples]) if isinstance(samples[0][key], torch.Tensor)
+            else [s[key] for s in samples] for key in samples[0]}
 
 
 class TinyModule(pl.LightningModule):
@@ -44,7 +59,12 @@ class TinyModule(pl.LightningModule):
 
     def validation_step(self, batch: dict, batch_idx: int) -> dict:
         x, y, z = batch["target"].shape[-3:]
-        logits = self.net(batch["image"])[..., :x, :y, :z]
+        logits = self.net(batch["image"])
+        if "box" in batch:  # unpad each sample at its box
+            logits = torch.stack([logits[i, :, b["start"][0]: b["stop"][0], b["start"][1]: b["stop"][1],
+                                         b["start"][2]: b["stop"][2]] for i, b in enumerate(batch["box"])])
+        else:
+            logits = logits[..., :x, :y, :z]
         pred = logits.sigmoid() > 0.5
         pred[:, :, 6:9, 6:9, 5:8] = True  # guarantee something to outline
         loss = torch.nn.functional.binary_cross_entropy_with_logits(logits, batch["target"].float())
@@ -57,14 +77,16 @@ class TinyModule(pl.LightningModule):
         return torch.optim.SGD(self.parameters(), lr=0.01)
 
 
-def fit(tmp_path: Path, callback: OverlayCallback, logger: object, max_epochs: int = 2) -> TinyModule:
-    data = [make_case(case_id, seed) for seed, case_id in enumerate(CASE_IDS)]
+def fit(tmp_path: Path, callback: OverlayCallback, logger: object, max_epochs: int = 2,
+        start: tuple[int, int, int] | None = None) -> TinyModule:
+    data = [make_case(case_id, seed, start) for seed, case_id in enumerate(CASE_IDS)]
     module = TinyModule()
     trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=1, logger=logger,
                          default_root_dir=tmp_path, callbacks=[callback], enable_checkpointing=False,
                          enable_progress_bar=False, enable_model_summary=False, limit_train_batches=2,
                          num_sanity_val_steps=1)
-    trainer.fit(module, DataLoader(data, batch_size=2), DataLoader(data, batch_size=2))
+    trainer.fit(module, DataLoader(data, batch_size=2, collate_fn=collate),
+                DataLoader(data, batch_size=2, collate_fn=collate))
     return module
 
 
@@ -75,6 +97,17 @@ def test_no_logger_fixed_sorted_cases(tmp_path: Path) -> None:
     assert pngs == ["epoch000_case_a.png", "epoch000_case_b.png",
                     "epoch001_case_a.png", "epoch001_case_b.png"]
     assert (tmp_path / "overlays" / pngs[0]).read_bytes()[:4] == b"\x89PNG"
+
+
+@pytest.mark.parametrize("start", [None, (1, 0, 2)], ids=["padded-at-end", "centred-with-box"])
+def test_overlay_image_is_aligned_with_the_target(tmp_path: Path, start: tuple[int, int, int] | None) -> None:
+    callback = OverlayCallback(cases=2)
+    fit(tmp_path, callback, logger=False, max_epochs=1, start=start)
+    assert sorted(callback.slices) == ["case_a", "case_b"]
+    for data in callback.slices.values():
+        # t1ce is 1 + 2 x WT + noise < 0.5 inside the data: above 2.5 exactly on the ground truth WT
+        np.testing.assert_array_equal(data.images[0] > 2.5, data.gt_regions[2])
+        assert data.gt_regions[2].any() and (data.images[0] > 0).all()  # no padding in the drawn image
 
 
 def test_every_n_epochs_with_csv_logger(tmp_path: Path) -> None:
@@ -116,6 +149,6 @@ def test_rejects_outputs_without_predictions(tmp_path: Path) -> None:
     trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, default_root_dir=tmp_path,
                          callbacks=[OverlayCallback()], enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, limit_train_batches=1, num_sanity_val_steps=0)
-    data = [make_case("case_a", 0)]
+    loader = DataLoader([make_case("case_a", 0)], collate_fn=collate)
     with pytest.raises(ValueError, match="pred_regions"):
-        trainer.fit(NoPredictions(), DataLoader(data), DataLoader(data))
+        trainer.fit(NoPredictions(), loader, loader)
