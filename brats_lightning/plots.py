@@ -131,12 +131,12 @@ def draw_overlay(data: OverlaySlice, case_id: str, dice: Sequence[float] | None 
     """
     box = _display_box(data.images)
     panels = len(IMAGE_PANELS)
-    figure = _new_figure(4.2 * panels, 4.9)
+    figure = _new_figure(4.2 * panels, 5.1)
     figure.patch.set_facecolor("black")
-    title = f"{case_id}   axial slice z={data.z}"
+    title = f"{case_id}\naxial slice z={data.z}"
     if dice is not None:
         title += "   Dice " + "  ".join(f"{r} {d:.3f}" for r, d in zip(REGIONS, dice, strict=True))
-    figure.suptitle(title, color="white", fontsize=11)
+    figure.suptitle(title, color="white", fontsize=10.5)
     for index, (_, name) in enumerate(IMAGE_PANELS):
         ax = figure.add_subplot(1, panels, index + 1)
         image = data.images[index][box]
@@ -158,7 +158,7 @@ def draw_overlay(data: OverlaySlice, case_id: str, dice: Sequence[float] | None 
     legend = figure.legend(handles=handles, loc="lower center", ncol=len(handles), fontsize=8, frameon=False)
     for text in legend.get_texts():
         text.set_color("white")
-    figure.subplots_adjust(left=0.01, right=0.99, top=0.88, bottom=0.08, wspace=0.03)
+    figure.subplots_adjust(left=0.01, right=0.99, top=0.86, bottom=0.08, wspace=0.03)
     return figure
 
 
