@@ -138,6 +138,8 @@ def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str
 
 def _format(value: float, key: str) -> str:
     """HD95 in mm with 2 decimals, specificity with 5 (it sits near 1), Dice and sensitivity with 4."""
+    if np.isnan(value):  # e.g. the standard deviation of a single case
+        return "-"
     digits = 2 if key.startswith("hd95") else 5 if key.startswith("spec") else 4
     return f"{value:.{digits}f}"
 
