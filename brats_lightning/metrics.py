@@ -81,7 +81,10 @@ def bounding_box(*masks: np.ndarray) -> tuple[slice, ...] | None:
 
 def surface(mask: np.ndarray) -> np.ndarray:
     """Surface voxels: ``mask XOR erosion(mask)``, 6-connectivity; voxels on the array border are surface."""
-    mask = _bool(mask, "mask")
+    return _surface(_bool(mask, "mask"))
+
+
+def _surface(mask: np.ndarray) -> np.ndarray:
     return mask ^ ndimage.binary_erosion(mask, structure=_SIX_CONNECTED, border_value=0)
 
 
@@ -98,10 +101,10 @@ def surface_distances(a: np.ndarray, b: np.ndarray,
         spacing: voxel size in mm along (X, Y, Z) (the NIfTI header zooms).
     """
     a, b = _check_pair(a, b)
-    box = bounding_box(a, b)
-    if box is None or not a.any() or not b.any():
+    if not a.any() or not b.any():
         raise ValueError("surface_distances needs two non-empty masks; empty masks follow the BraTS "
                          "conventions in hd95()")
+    box = bounding_box(a, b)
     return _surface_distances_in_box(a[box], b[box], _spacing(spacing))
 
 
@@ -114,15 +117,10 @@ def _spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
 
 def _surface_distances_in_box(a: np.ndarray, b: np.ndarray,
                               spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
-    surface_a = a ^ ndimage.binary_erosion(a, structure=_SIX_CONNECTED, border_value=0)
-    surface_b = b ^ ndimage.binary_erosion(b, structure=_SIX_CONNECTED, border_value=0)
+    surface_a, surface_b = _surface(a), _surface(b)
     to_b = ndimage.distance_transform_edt(~surface_b, sampling=spacing)
     to_a = ndimage.distance_transform_edt(~surface_a, sampling=spacing)
     return to_b[surface_a], to_a[surface_b]
-
-
-def _hd95_from_distances(a_to_b: np.ndarray, b_to_a: np.ndarray) -> float:
-    return float(np.percentile(np.concatenate([a_to_b, b_to_a]), 95))
 
 
 def hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:
@@ -192,7 +190,8 @@ def region_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] = 
         if tp + fp == 0 or tp + fn == 0:
             out["hd95"] = EMPTY_HD95
         else:
-            out["hd95"] = _hd95_from_distances(*_surface_distances_in_box(pred_box, gt_box, spacing))
+            pooled = np.concatenate(_surface_distances_in_box(pred_box, gt_box, spacing))
+            out["hd95"] = float(np.percentile(pooled, 95))  # linear interpolation between order statistics
     return out
 
 
@@ -211,8 +210,7 @@ def case_metrics(pred_regions: np.ndarray, gt_regions: np.ndarray,
         (the hd95 keys only when ``hd95``), plain floats.
     """
     pred_regions, gt_regions = np.asarray(pred_regions), np.asarray(gt_regions)
-    expected = (len(REGION_NAMES),)
-    if pred_regions.shape[:1] != expected or pred_regions.ndim != 4 or pred_regions.shape != gt_regions.shape:
+    if pred_regions.shape != gt_regions.shape or pred_regions.ndim != 4 or len(pred_regions) != 3:
         raise ValueError(f"expected prediction and ground truth regions of the same shape (3, X, Y, Z) "
                          f"(ET, TC, WT), found {pred_regions.shape} and {gt_regions.shape}")
     per_region = {name: region_metrics(pred_regions[i], gt_regions[i], spacing, hd95=hd95)
