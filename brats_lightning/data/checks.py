@@ -179,8 +179,8 @@ def run(args: argparse.Namespace) -> int:
         console.print(f"{n_cases} cases, no problems ({mode}) in {args.data}")
         return 0
     table = Table(title=f"check-data {args.data} ({mode})", show_lines=False)
-    table.add_column("case", style="bold")
-    table.add_column("file")
+    table.add_column("case", style="bold", overflow="fold")
+    table.add_column("file", overflow="fold")
     table.add_column("problem", overflow="fold")
     root = Path(args.data)
     for problem in problems:

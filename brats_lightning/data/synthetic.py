@@ -92,10 +92,10 @@ def grid_for(spacing: float) -> tuple[tuple[int, int, int], np.ndarray]:
     return shape, affine  # type: ignore[return-value]
 
 
-@functools.lru_cache(maxsize=2)
-def _templates(spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """MNI152 brain mask, GM and WM maps (1 mm, float32) in the output's axis directions, and the brain
-    centre in template voxels. Smoothed to the output voxel size when it is coarser (partial volume)."""
+@functools.lru_cache(maxsize=1)
+def _mni_templates() -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """nilearn's MNI152 2009 T1, GM and WM maps at 1 mm (float32), flipped from RAS to BraTS's x and y
+    directions."""
     from nilearn import datasets
 
     t1 = datasets.load_mni152_template(resolution=1)
@@ -103,15 +103,21 @@ def _templates(spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.n
         raise RuntimeError(f"nilearn's MNI152 template is not 1 mm (affine {t1.affine.tolist()})")
     gm = datasets.load_mni152_gm_template(resolution=1)
     wm = datasets.load_mni152_wm_template(resolution=1)
-    # RAS template -> BraTS directions: flip x and y
-    arrays = [np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)[::-1, ::-1, :])
-              for img in (t1, gm, wm)]
-    mask = (arrays[0] > 0).astype(np.float32)
-    gm_map, wm_map = arrays[1], arrays[2]
+    t1_map, gm_map, wm_map = (np.ascontiguousarray(np.asarray(img.dataobj, dtype=np.float32)[::-1, ::-1, :])
+                              for img in (t1, gm, wm))
+    return t1_map, gm_map, wm_map
+
+
+@functools.lru_cache(maxsize=2)
+def _templates(spacing: float) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Brain mask, GM and WM maps (1 mm template grid) and the brain centre in template voxels, smoothed
+    to the output voxel size when it is coarser than 1 mm (partial volume, no aliasing)."""
+    t1_map, gm_map, wm_map = _mni_templates()
+    mask = (t1_map > 0).astype(np.float32)
     if spacing > 1.0:
         sigma = np.sqrt(spacing**2 - 1.0) / 2.355
         mask, gm_map, wm_map = (ndimage.gaussian_filter(a, sigma) for a in (mask, gm_map, wm_map))
-    nz = np.argwhere(arrays[0] > 0)
+    nz = np.argwhere(t1_map > 0)
     centre = (nz.min(axis=0) + nz.max(axis=0)) / 2.0
     return mask, gm_map, wm_map, centre.astype(np.float64)
 
@@ -158,14 +164,68 @@ def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: f
     return noise / max(float(noise.std()), 1e-6)
 
 
+@dataclass(frozen=True)
+class CaseParameters:
+    """Every random choice of one case that does not depend on the grid (see :func:`case_parameters`)."""
+
+    matrix: np.ndarray  # output mm -> template voxels (scale and rotation)
+    shift: np.ndarray  # template voxels
+    deform: tuple[_SmoothField, ...]  # mm displacement per axis
+    r_wt: float  # whole-tumour radius, mm
+    pick_u: float  # which white-matter candidate holds the tumour centre
+    pick_offset: np.ndarray
+    push: float  # mass effect strength
+    radii: np.ndarray  # whole-tumour ellipsoid semi-axes, mm
+    t_rot: np.ndarray  # tumour orientation
+    f_tc: float  # core size relative to the whole tumour
+    tc_offset: np.ndarray  # core centre offset, mm
+    f_ncr: float  # necrosis size relative to the core
+    has_et: bool
+    has_ncr: bool
+    contrasts: np.ndarray  # CONTRASTS with per-case jitter
+    biases: tuple[_SmoothField, ...]  # log bias field per modality
+    sigmas: np.ndarray  # Rician noise level per modality (relative to T1 WM)
+    scales: np.ndarray  # stored intensity scale per modality
+
+
+def case_parameters(seed: int, index: int) -> CaseParameters:
+    """The random choices of case ``index`` of data set ``seed`` (about 10% of cases get no enhancing
+    tumour, 15% no necrosis)."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 0]))
+    scale = np.array([rng.uniform(0.88, 1.0), rng.uniform(0.88, 1.0), rng.uniform(0.85, 0.92)])
+    rot = _rotation(np.deg2rad(rng.uniform(-6, 6, size=3)))
+    shift = rng.uniform(-5, 5, size=3) * np.array([1, 1, 0.4])
+    deform = tuple(_SmoothField.draw(rng, 4, 4.0, (60.0, 160.0)) for _ in range(3))
+    r_wt = float(rng.uniform(18.0, 34.0))
+    pick_u, pick_offset = float(rng.random()), rng.random(3)
+    push = float(rng.uniform(0.15, 0.35) * (r_wt / 34.0))
+    radii = r_wt * rng.uniform(0.75, 1.2, size=3)
+    t_rot = _rotation(rng.uniform(0, 2 * np.pi, size=3))
+    f_tc = float(rng.uniform(0.45, 0.75))
+    tc_offset = rng.normal(0.0, 0.12 * r_wt, size=3)
+    f_ncr = float(rng.uniform(0.45, 0.8))
+    kind = float(rng.random())
+    contrasts = CONTRASTS * np.exp(rng.normal(0.0, 0.06, size=CONTRASTS.shape))
+    biases = tuple(_SmoothField.draw(rng, 3, 0.12, (120.0, 300.0)) for _ in MODALITIES)
+    sigmas = rng.uniform(0.015, 0.04, size=len(MODALITIES))
+    scales = rng.uniform(300.0, 1200.0, size=len(MODALITIES))
+    return CaseParameters(
+        matrix=rot @ np.diag(1.0 / scale), shift=shift, deform=deform, r_wt=r_wt, pick_u=pick_u,
+        pick_offset=pick_offset, push=push, radii=radii, t_rot=t_rot, f_tc=f_tc, tc_offset=tc_offset,
+        f_ncr=f_ncr, has_et=kind >= 0.10, has_ncr=not 0.10 <= kind < 0.25, contrasts=contrasts,
+        biases=biases, sigmas=sigmas, scales=scales)
+
+
 @dataclass
 class SyntheticCase:
-    """One generated case: int16 images (4, X, Y, Z), uint8 labels (X, Y, Z), the affine and a summary."""
+    """One generated case: int16 images (4, X, Y, Z), uint8 labels (X, Y, Z), the affine, the healthy
+    tissue map (uint8: 0 background, 1 CSF, 2 GM, 3 WM; not written to disk) and a summary."""
 
     case_id: str
     images: np.ndarray
     labels: np.ndarray
     affine: np.ndarray
+    tissue: np.ndarray
     centre: tuple[int, int, int]
     info: dict
 
@@ -174,36 +234,18 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     """Generate synthetic case ``index`` (1-based) of the data set with ``seed`` (see the module doc)."""
     naming = naming_for(year)
     convention: LabelConvention = naming.convention
-    # scalar parameters come from one stream, noise arrays (sized by the grid) from another, so a case's
-    # anatomy, tumour kind and contrasts are drawn identically whatever the spacing
-    param_seq, noise_seq = np.random.SeedSequence([int(seed), int(index)]).spawn(2)
-    rng, noise_rng = np.random.default_rng(param_seq), np.random.default_rng(noise_seq)
+    # grid-independent choices come from one stream, noise arrays (sized by the grid) from another, so a
+    # case's anatomy, tumour kind and contrasts are the same whatever the spacing
+    params = case_parameters(seed, index)
+    noise_rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 1]))
     shape, affine = grid_for(spacing)
     mask_t, gm_t, wm_t, tpl_centre = _templates(float(spacing))
     s = float(spacing)
     centre_vox = (np.array(shape) - 1) / 2.0
-
-    # --- geometry: output mm (relative to the grid centre) -> template voxels
-    scale = np.array([rng.uniform(0.88, 1.0), rng.uniform(0.88, 1.0), rng.uniform(0.85, 0.92)])
-    rot = _rotation(np.deg2rad(rng.uniform(-6, 6, size=3)))
-    matrix = rot @ np.diag(1.0 / scale)
-    shift = rng.uniform(-5, 5, size=3) * np.array([1, 1, 0.4])
-    deform = [_SmoothField.draw(rng, 4, 4.0, (60.0, 160.0)) for _ in range(3)]
-    r_wt = rng.uniform(18.0, 34.0)
-    pick_u, pick_offset = rng.random(), rng.random(3)
-    push = rng.uniform(0.15, 0.35) * (r_wt / 34.0)
-    radii = r_wt * rng.uniform(0.75, 1.2, size=3)
-    t_rot = _rotation(rng.uniform(0, 2 * np.pi, size=3))
-    f_tc = rng.uniform(0.45, 0.75)
-    tc_offset = rng.normal(0.0, 0.12 * r_wt, size=3)
-    f_ncr = rng.uniform(0.45, 0.8)
-    kind = rng.random()
-    has_et = kind >= 0.10
-    has_ncr = not (0.10 <= kind < 0.25)
-    contrasts = CONTRASTS * np.exp(rng.normal(0.0, 0.06, size=CONTRASTS.shape))
-    biases = [_SmoothField.draw(rng, 3, 0.12, (120.0, 300.0)) for _ in MODALITIES]
-    sigmas = rng.uniform(0.015, 0.04, size=len(MODALITIES))
-    scales = rng.uniform(300.0, 1200.0, size=len(MODALITIES))
+    matrix, shift, deform, r_wt = params.matrix, params.shift, params.deform, params.r_wt
+    radii, t_rot, tc_offset = params.radii, params.t_rot, params.tc_offset
+    f_tc, f_ncr, has_et, has_ncr = params.f_tc, params.f_ncr, params.has_et, params.has_ncr
+    contrasts = params.contrasts
 
     def axes_mm(start: np.ndarray, stop: np.ndarray, step: int = 1) -> list[np.ndarray]:
         return [(np.arange(a, b, step) - c) * s for a, b, c in zip(start, stop, centre_vox, strict=True)]
@@ -246,15 +288,17 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     if not ok.any():
         ok = (coarse_wm > 0.5) & (depth >= 8.0)
     candidates = np.argwhere(ok)
-    pick = candidates[int(pick_u * len(candidates))] * stride + (pick_offset * stride).astype(int)
+    pick = (candidates[int(params.pick_u * len(candidates))] * stride
+            + (params.pick_offset * stride).astype(int))
     tumour_vox = np.clip(pick, lo, hi - 1)
     c_mm = (tumour_vox - centre_vox) * s
 
     # --- full-resolution pass inside the brain's box, with mass effect around the tumour
     axes = axes_mm(lo, hi)
-    u = [axes[0][:, None, None] - c_mm[0], axes[1][None, :, None] - c_mm[1], axes[2][None, None, :] - c_mm[2]]
+    u = [axes[0][:, None, None] - c_mm[0], axes[1][None, :, None] - c_mm[1],
+         axes[2][None, None, :] - c_mm[2]]
     r2 = u[0] ** 2 + u[1] ** 2 + u[2] ** 2
-    factor = (1.0 - push * np.exp(-r2 / (2.0 * (0.9 * r_wt) ** 2))).astype(np.float32)
+    factor = (1.0 - params.push * np.exp(-r2 / (2.0 * (0.9 * r_wt) ** 2))).astype(np.float32)
     warped = [(c_mm[k] + u[k] * factor).astype(np.float32) for k in range(3)]
     coords = template_coords(axes, warped)
     brain = sample(mask_t, coords) > 0.5
@@ -266,6 +310,9 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     wm[over] /= total[over]
     csf = np.clip(1.0 - gm - wm, 0.0, 1.0)
     del coords, warped, r2, factor
+    out_box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
+    tissue = np.zeros(shape, dtype=np.uint8)
+    tissue[out_box] = np.where(brain, 1 + np.argmax(np.stack([csf, gm, wm]), axis=0), 0).astype(np.uint8)
 
     # --- tumour labels in a local box around the centre
     half = int(np.ceil(1.6 * radii.max() / s)) + 2
@@ -274,8 +321,8 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     lhi = np.minimum(local_c + half + 1, hi - lo)
     box = tuple(slice(a, b) for a, b in zip(llo, lhi, strict=True))
     lshape = tuple(int(b - a) for a, b in zip(llo, lhi, strict=True))
-    lu = np.stack(np.meshgrid(*[(np.arange(a, b) - c) * s for a, b, c in zip(llo, lhi, local_c, strict=True)],
-                              indexing="ij")).astype(np.float32)
+    local_axes = [(np.arange(a, b) - c) * s for a, b, c in zip(llo, lhi, local_c, strict=True)]
+    lu = np.stack(np.meshgrid(*local_axes, indexing="ij")).astype(np.float32)
 
     def ellipsoid(offset: np.ndarray, semi: np.ndarray) -> np.ndarray:
         rel = lu - offset[:, None, None, None].astype(np.float32)
@@ -316,7 +363,6 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     brain_idx = np.flatnonzero(brain)
     bshape = brain.shape
     images = np.zeros((len(MODALITIES), *shape), dtype=np.int16)
-    out_box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     for m in range(len(MODALITIES)):
         mu = contrasts[m]
         vol = (csf * np.float32(mu[0]) + gm * np.float32(mu[1]) + wm * np.float32(mu[2])).astype(np.float32)
@@ -324,12 +370,12 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
         tumour = (soft["edema"] * (0.25 * local + 0.75 * mu[3])
                   + (soft["necrosis"] * mu[4] + soft["enhancing"] * mu[5]) * texture)
         vol[box] = healthy_w * local + tumour
-        vol *= np.exp(biases[m](axes))
-        sigma = np.float32(sigmas[m])
+        vol *= np.exp(params.biases[m](axes))
+        sigma = np.float32(params.sigmas[m])
         values = vol.ravel()[brain_idx]
         n1 = noise_rng.standard_normal(values.size, dtype=np.float32)
         n2 = noise_rng.standard_normal(values.size, dtype=np.float32)
-        values = np.sqrt((values + sigma * n1) ** 2 + (sigma * n2) ** 2) * np.float32(scales[m])
+        values = np.sqrt((values + sigma * n1) ** 2 + (sigma * n2) ** 2) * np.float32(params.scales[m])
         stored = np.zeros(bshape, dtype=np.int16).ravel()
         stored[brain_idx] = np.clip(np.rint(values), 1, 32767).astype(np.int16)
         images[m][out_box] = stored.reshape(bshape)
@@ -340,9 +386,9 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     counts = {str(v): int(np.count_nonzero(labels == v)) for v in convention.labels[1:]}
     info = {"index": index, "seed": seed, "spacing": s, "tumour_radius_mm": round(float(r_wt), 1),
             "has_et": bool(has_et), "has_necrosis": bool(has_ncr and (labels == convention.ncr).any()),
-            "label_voxels": counts, "intensity_scale": np.round(scales, 1).tolist(),
-            "noise_sigma": np.round(sigmas, 4).tolist()}
-    return SyntheticCase(case_id_for(index, year), images, labels, affine,
+            "label_voxels": counts, "intensity_scale": np.round(params.scales, 1).tolist(),
+            "noise_sigma": np.round(params.sigmas, 4).tolist()}
+    return SyntheticCase(case_id_for(index, year), images, labels, affine, tissue,
                          tuple(int(v) for v in tumour_vox), info)  # type: ignore[arg-type]
 
 
@@ -379,6 +425,7 @@ def generate_dataset(
     year: int = 2020,
     preview: str | Path | None = None,
     workers: int | None = None,
+    progress: bool = True,
 ) -> list[Path]:
     """Write ``n_cases`` synthetic cases (ids 1..n_cases) in BraTS layout under ``out``.
 
@@ -390,6 +437,7 @@ def generate_dataset(
         year: 2020 or 2021 (labels 0/1/2/4) or 2023 (GLI naming, ET label 3).
         preview: write a PNG of case 1 (one axial slice per modality with the label overlay).
         workers: worker processes (None: CPU count, at most 8; 1 generates in this process).
+        progress: show a rich progress bar.
 
     Returns:
         The case folders, sorted.
@@ -409,7 +457,7 @@ def generate_dataset(
     columns = (TextColumn("[progress.description]{task.description}"), BarColumn(), MofNCompleteColumn(),
                TimeElapsedColumn())
     folders: list[Path] = []
-    with Progress(*columns, transient=False) as bar:
+    with Progress(*columns, transient=False, disable=not progress) as bar:
         task = bar.add_task("synthetic cases", total=n_cases)
         if workers == 1:
             for job in jobs:

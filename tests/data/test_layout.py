@@ -1,0 +1,115 @@
+"""Case discovery for BraTS 2020, 2021 and 2023 namings (SPEC.md "Data")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from brats_lightning.data.labels import BRATS2020, BRATS2023
+from brats_lightning.data.layout import MODALITIES, DataLayoutError, find_cases, scan_dataset
+
+SUFFIXES_2020 = ("t1", "t1ce", "t2", "flair")
+SUFFIXES_2023 = ("t1n", "t1c", "t2w", "t2f")
+
+
+def make_case(root: Path, case_id: str, suffixes=SUFFIXES_2020, sep="_", seg=True, ext=".nii.gz",
+              folder: str | None = None) -> Path:
+    """Empty files named like a BraTS case (discovery reads names only)."""
+    path = root / (folder or case_id)
+    path.mkdir(parents=True, exist_ok=True)
+    for suffix in suffixes + (("seg",) if seg else ()):
+        (path / f"{case_id}{sep}{suffix}{ext}").touch()
+    return path
+
+
+def test_2020_training_set(tmp_path):
+    for k in (3, 1, 2):
+        make_case(tmp_path, f"BraTS20_Training_{k:03d}")
+    (tmp_path / "name_mapping.csv").write_text("x\n")  # BraTS ships CSVs next to the case folders
+    cases = find_cases(tmp_path, require_labels=True)
+    assert [c.case_id for c in cases] == [f"BraTS20_Training_{k:03d}" for k in (1, 2, 3)]
+    case = cases[0]
+    assert case.convention == BRATS2020 and case.has_labels
+    assert [p.name for p in case.images] == [f"BraTS20_Training_001_{m}.nii.gz" for m in MODALITIES]
+    assert case.seg.name == "BraTS20_Training_001_seg.nii.gz"
+
+
+def test_2021_naming(tmp_path):
+    make_case(tmp_path, "BraTS2021_00000")
+    make_case(tmp_path, "BraTS2021_01666")
+    cases = find_cases(tmp_path)
+    assert [c.case_id for c in cases] == ["BraTS2021_00000", "BraTS2021_01666"]
+    assert all(c.convention == BRATS2020 for c in cases)
+
+
+def test_2023_naming_maps_channels(tmp_path):
+    make_case(tmp_path, "BraTS-GLI-00000-000", SUFFIXES_2023, sep="-")
+    (case,) = find_cases(tmp_path)
+    assert case.case_id == "BraTS-GLI-00000-000" and case.convention == BRATS2023
+    # channel order t1, t1ce, t2, flair <- t1n, t1c, t2w, t2f
+    assert [p.name for p in case.images] == [
+        "BraTS-GLI-00000-000-t1n.nii.gz", "BraTS-GLI-00000-000-t1c.nii.gz",
+        "BraTS-GLI-00000-000-t2w.nii.gz", "BraTS-GLI-00000-000-t2f.nii.gz"]
+
+
+def test_mixed_editions_and_uncompressed(tmp_path):
+    make_case(tmp_path, "BraTS20_Training_010", ext=".nii")
+    make_case(tmp_path, "BraTS-GLI-00002-001", SUFFIXES_2023, sep="-")
+    cases = {c.case_id: c for c in find_cases(tmp_path)}
+    assert cases["BraTS20_Training_010"].images[0].name == "BraTS20_Training_010_t1.nii"
+    assert cases["BraTS-GLI-00002-001"].convention == BRATS2023
+
+
+def test_unlabeled_validation_set(tmp_path):
+    make_case(tmp_path, "BraTS20_Validation_001", seg=False)
+    make_case(tmp_path, "BraTS20_Validation_002", seg=False)
+    cases = find_cases(tmp_path)
+    assert len(cases) == 2 and not any(c.has_labels for c in cases)
+    assert all(c.seg is None and len(c.files) == 4 for c in cases)
+    with pytest.raises(DataLayoutError, match=r"case BraTS20_Validation_001: seg missing \(looked for "
+                                              r"BraTS20_Validation_001_seg.nii.gz"):
+        find_cases(tmp_path, require_labels=True)
+
+
+def test_single_case_folder(tmp_path):
+    folder = make_case(tmp_path, "BraTS20_Training_005")
+    (case,) = find_cases(folder)
+    assert case.case_id == "BraTS20_Training_005" and case.folder == folder
+
+
+def test_missing_modality_message(tmp_path):
+    make_case(tmp_path, "BraTS20_Training_001")
+    folder = make_case(tmp_path, "BraTS20_Training_007")
+    (folder / "BraTS20_Training_007_t1ce.nii.gz").unlink()
+    with pytest.raises(DataLayoutError) as err:
+        find_cases(tmp_path)
+    message = str(err.value)
+    assert ("case BraTS20_Training_007: t1ce missing (looked for BraTS20_Training_007_t1ce.nii.gz in "
+            in message)
+    assert "expected t1, t1ce, t2, flair" in message
+    cases, issues = scan_dataset(tmp_path)  # the non-raising scan keeps the good case
+    assert [c.case_id for c in cases] == ["BraTS20_Training_001"]
+    assert [(i.case, Path(i.file).name) for i in issues] == [
+        ("BraTS20_Training_007", "BraTS20_Training_007_t1ce.nii.gz")]
+
+
+def test_duplicate_case_ids(tmp_path):
+    make_case(tmp_path, "BraTS20_Training_001")
+    make_case(tmp_path, "BraTS20_Training_001", folder="BraTS20_Training_001_copy")
+    make_case(tmp_path, "BraTS20_Training_002")
+    cases, issues = scan_dataset(tmp_path)
+    assert [c.case_id for c in cases] == ["BraTS20_Training_002"]
+    assert len(issues) == 2 and all(i.case == "BraTS20_Training_001" for i in issues)
+    assert "duplicate case id: found in 2 folders" in issues[0].message
+    with pytest.raises(DataLayoutError, match="duplicate case id"):
+        find_cases(tmp_path)
+
+
+def test_nothing_found(tmp_path):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes.txt").write_text("hello")
+    with pytest.raises(DataLayoutError, match=f"no BraTS cases found in {tmp_path}"):
+        find_cases(tmp_path)
+    with pytest.raises(DataLayoutError, match="does not exist"):
+        find_cases(tmp_path / "nope")
