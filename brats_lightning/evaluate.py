@@ -37,6 +37,7 @@ import logging
 import os
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from multiprocessing import get_context
 from pathlib import Path
@@ -173,21 +174,16 @@ def _prediction_convention(pred_dir: Path, convention: str | LabelConvention) ->
 
 def _run_jobs(jobs: list[CaseJob], workers: int) -> list[dict[str, float | str]]:
     columns = (TextColumn("evaluate"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
-    with Progress(*columns, transient=False) as progress:
+    results = []
+    with Progress(*columns, transient=False) as progress, ExitStack() as stack:
         task = progress.add_task("cases", total=len(jobs))
-        if workers <= 1:
-            results = []
-            for job in jobs:
-                results.append(score_case(job))
-                progress.advance(task)
-            return results
-        # spawn: never fork a parent that may hold torch / OpenMP threads
-        with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
-            results = []
-            for result in pool.map(score_case, jobs):
-                results.append(result)
-                progress.advance(task)
-            return results
+        mapper = map
+        if workers > 1:  # spawn: never fork a parent that may hold torch / OpenMP threads
+            mapper = stack.enter_context(ProcessPoolExecutor(workers, mp_context=get_context("spawn"))).map
+        for result in mapper(score_case, jobs):
+            results.append(result)
+            progress.advance(task)
+    return results
 
 
 def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path, label: str | None = None,
@@ -213,8 +209,6 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pat
     predictions = label_map_paths(pred_dir)
     pred_convention = _prediction_convention(pred_dir, convention)
     spacing_override = None if spacing is None else tuple(float(s) for s in spacing)
-    if spacing_override is not None and (len(spacing_override) != 3 or min(spacing_override) <= 0):
-        raise ValueError(f"--spacing needs three positive voxel sizes in mm, found {spacing}")
     missing = [c.case_id for c in cases if c.case_id not in predictions]
     if missing:
         log.warning("%d of %d cases have no prediction in %s and are scored as empty predictions: %s",
