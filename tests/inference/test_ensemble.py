@@ -1,0 +1,107 @@
+"""`python ensemble.py` (Hydra) end to end on tiny real runs: A and B ensembles, merge, evaluation."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pandas as pd
+import pytest
+from hydra import compose, initialize_config_dir
+
+from brats_lightning.inference.ensemble import register_resolvers, run_ensemble
+from brats_lightning.inference.merge import merge_labels
+
+REPO = Path(__file__).resolve().parents[2]
+FOLD_VAL = {0: ["case_000", "case_001"], 1: ["case_002"]}
+
+
+def _runs(factory) -> None:
+    """Pipeline A: three models in fold 0 (best two kept), one in fold 1; pipeline B: one per fold."""
+    for seed, (model, score) in enumerate([("unet", 0.5), ("att", 0.7), ("unet_clean", 0.3)]):
+        factory(pipeline="A", model=model, fold=0, score=score, seed=seed, val_cases=FOLD_VAL[0])
+    factory(pipeline="A", model="unet", fold=1, score=0.5, seed=5, val_cases=FOLD_VAL[1])
+    for fold in (0, 1):
+        factory(pipeline="B", model="equiunet", fold=fold, seed=10 + fold, val_cases=FOLD_VAL[fold])
+
+
+def _labels(path: Path) -> tuple[np.ndarray, nib.Nifti1Image]:
+    image = nib.load(path)
+    return np.asanyarray(image.dataobj), image
+
+
+@pytest.mark.slow
+def test_ensemble_script_out_of_fold(tiny_run_factory, tiny_dataset):
+    _runs(tiny_run_factory)
+    runs = tiny_run_factory.root
+    env = dict(os.environ, WANDB_MODE="disabled")
+    result = subprocess.run(
+        [sys.executable, "ensemble.py", f"runs={runs}", f"dataset={tiny_dataset}", "oof=true",
+         "predict.tta=none", "predict.device=cpu"],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Ensemble results" in result.stdout
+    out = runs / "oof"
+    pred = out / "predictions"
+    for case_id in ("case_000", "case_001", "case_002"):
+        source = nib.load(tiny_dataset / case_id / f"{case_id}_t1.nii.gz")
+        a, _ = _labels(pred / "A" / f"{case_id}.nii.gz")
+        b, _ = _labels(pred / "B" / f"{case_id}.nii.gz")
+        merged, image = _labels(pred / "merged" / f"{case_id}.nii.gz")
+        assert merged.shape == source.shape and np.array_equal(image.affine, source.affine)
+        assert image.get_data_dtype() == np.uint8 and set(np.unique(merged)) <= {0, 1, 2, 4}
+        np.testing.assert_array_equal(merged, merge_labels(a, b))
+    manifest_a = json.loads((pred / "A" / "prediction.json").read_text())
+    assert manifest_a["oof"] is True
+    assert sorted(manifest_a["case_runs"]["case_000"]) == [
+        f"A/{model}/fold0 ({runs / 'A' / model / 'fold0'})" for model in ("att", "unet")]
+    assert manifest_a["case_runs"]["case_002"] == [f"A/unet/fold1 ({runs / 'A' / 'unet' / 'fold1'})"]
+    report = json.loads((out / "ensemble.json").read_text())
+    for name in ("A", "B", "merged"):
+        cases = pd.read_csv(out / name / "cases.csv")
+        assert sorted(cases["case"]) == ["case_000", "case_001", "case_002"]
+        assert report["results"][name]["dice_wt"] == pytest.approx(cases["dice_wt"].mean(), abs=1e-5)
+        assert report["results"][name]["hd95_et"] == pytest.approx(cases["hd95_et"].mean(), abs=1e-4)
+
+
+def _compose(overrides: list[str]):
+    register_resolvers()
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base="1.3"):
+        return compose(config_name="ensemble", overrides=overrides)
+
+
+def test_ensemble_without_labels_single_pipeline(tiny_run_factory, tmp_path, case_writer):
+    _runs(tiny_run_factory)
+    data = tmp_path / "validation"
+    for i in range(2):
+        case_writer(data, f"BraTS20_Validation_{i:03d}", seed=i, with_seg=False)
+    out = tmp_path / "ens"
+    cfg = _compose([f"runs={tiny_run_factory.root}", f"dataset={data}", f"out={out}", "predict.tta=none",
+                    "~pipelines.B"])
+    assert cfg.pred_dir == str(out / "predictions") and cfg.evaluate == "auto"
+    report = run_ensemble(cfg)
+    assert report["results"] == {} and set(report["predictions"]) == {"A"}
+    assert sorted(p.name for p in (out / "predictions" / "A").glob("*.nii.gz")) == [
+        "BraTS20_Validation_000.nii.gz", "BraTS20_Validation_001.nii.gz"]
+    assert not (out / "predictions" / "merged").exists()
+    manifest = json.loads((out / "predictions" / "A" / "prediction.json").read_text())
+    assert len(manifest["runs"]) == 3  # best two of fold 0 + the only run of fold 1
+    with pytest.raises(ValueError, match="evaluate=true"):
+        run_ensemble(_compose([f"runs={tiny_run_factory.root}", f"dataset={data}", f"out={out}",
+                               "evaluate=true"]))
+
+
+def test_ensemble_default_paths_and_missing_pipeline(tiny_run_factory, tiny_dataset):
+    tiny_run_factory(pipeline="A", fold=0, val_cases=["case_000"])
+    root = tiny_run_factory.root
+    cfg = _compose([f"runs={root}", f"dataset={tiny_dataset}"])
+    assert cfg.out == f"{root}/ensemble" and cfg.eval_dir == cfg.out
+    assert _compose([f"runs={root}", "oof=true"]).out == f"{root}/oof"
+    with pytest.raises(FileNotFoundError, match=r"no pipeline B runs .*~pipelines.B"):
+        run_ensemble(cfg)
