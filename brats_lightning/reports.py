@@ -25,7 +25,6 @@ import logging
 from collections.abc import Sequence
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from rich.console import Console
 from rich.logging import RichHandler
@@ -75,8 +74,8 @@ def _stats_row(label: str, source: str, frame: pd.DataFrame, folds: str = "") ->
         for region in TABLE_REGIONS:
             column = f"{metric}_{region}"
             values = frame[column].astype(float) if column in frame else pd.Series(dtype=float)
-            row[f"{column}_mean"] = values.mean() if len(values) else np.nan
-            row[f"{column}_std"] = values.std(ddof=1) if len(values) > 1 else np.nan
+            row[f"{column}_mean"] = values.mean()       # NaN when empty
+            row[f"{column}_std"] = values.std(ddof=1)   # NaN with fewer than two values
     return row
 
 
@@ -84,13 +83,12 @@ def cv_rows(runs: Sequence[Run]) -> list[dict[str, object]]:
     """Table 2 rows: per configuration, mean and std over folds of val_metrics (and of val_metrics_swa)."""
     rows = []
     for label, folds in group_runs(runs).items():
+        unscored = [str(run.path) for run in folds.values() if not run.info.get("val_metrics")]
+        if unscored:
+            log.warning("%s: %d run(s) without val_metrics left out: %s", label, len(unscored),
+                        ", ".join(unscored))
         for key, suffix in (("val_metrics", ""), ("val_metrics_swa", " + SWA")):
             scored = {fold: run.info[key] for fold, run in sorted(folds.items()) if run.info.get(key)}
-            if key == "val_metrics":
-                unscored = [str(run.path) for run in folds.values() if not run.info.get(key)]
-                if unscored:
-                    log.warning("%s: %d run(s) without val_metrics left out: %s", label, len(unscored),
-                                ", ".join(unscored))
             if scored:
                 frame = pd.DataFrame(list(scored.values()))
                 rows.append(_stats_row(label + suffix, "cv", frame, ",".join(map(str, scored))))
