@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import itertools
+import json
+from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 import pytest
 
+from brats_lightning.cli import main as cli_main
 from brats_lightning.data.labels import BRATS2020, BRATS2023
-from brats_lightning.inference.merge import merge_labels
+from brats_lightning.inference.merge import merge_folders, merge_labels, read_manifest, write_manifest
 
 # SPEC.md "Inference": rows are A's label, columns B's label (0, 1, 2, 4).
 SPEC_TABLE = {
@@ -35,3 +39,70 @@ def test_all_sixteen_label_pairs(convention):
 def test_merge_shape_mismatch():
     with pytest.raises(ValueError, match="shape"):
         merge_labels(np.zeros((2, 2, 2)), np.zeros((2, 2, 3)))
+
+
+def _write(path: Path, labels: np.ndarray, affine: np.ndarray | None = None) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.Nifti1Image(labels.astype(np.uint8), np.diag([-2.0, 2.0, 2.5, 1.0]) if affine is None else affine
+                    ).to_filename(path)
+
+
+def _random_labels(seed: int, codes=(0, 1, 2, 4), shape=(5, 6, 7)) -> np.ndarray:
+    return np.random.default_rng(seed).choice(codes, size=shape).astype(np.uint8)
+
+
+def test_merge_command(tmp_path):
+    for i in range(2):
+        _write(tmp_path / "a" / f"c{i}.nii.gz", _random_labels(i))
+        _write(tmp_path / "b" / f"c{i}.nii.gz", _random_labels(10 + i))
+    _write(tmp_path / "a" / "c0_unc_whole.nii.gz", np.zeros((5, 6, 7)))  # not a label map: ignored
+    assert cli_main(["merge", "--a", str(tmp_path / "a"), "--b", str(tmp_path / "b"),
+                     "--out", str(tmp_path / "m")]) == 0
+    assert sorted(p.name for p in (tmp_path / "m").glob("*.nii.gz")) == ["c0.nii.gz", "c1.nii.gz"]
+    for i in range(2):
+        image = nib.load(tmp_path / "m" / f"c{i}.nii.gz")
+        assert image.get_data_dtype() == np.uint8
+        assert np.array_equal(image.affine, np.diag([-2.0, 2.0, 2.5, 1.0]))
+        np.testing.assert_array_equal(np.asanyarray(image.dataobj),
+                                      merge_labels(_random_labels(i), _random_labels(10 + i)))
+    assert json.loads((tmp_path / "m" / "prediction.json").read_text())["label_convention"] == "brats2020"
+
+
+def test_merge_infers_brats2023_codes(tmp_path):
+    _write(tmp_path / "a" / "c.nii.gz", _random_labels(0, (0, 1, 2, 3)))
+    _write(tmp_path / "b" / "c.nii.gz", _random_labels(1, (0, 1, 2, 3)))
+    merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    merged = np.asanyarray(nib.load(tmp_path / "m" / "c.nii.gz").dataobj)
+    np.testing.assert_array_equal(merged, merge_labels(_random_labels(0, (0, 1, 2, 3)),
+                                                       _random_labels(1, (0, 1, 2, 3)), BRATS2023))
+    assert read_manifest(tmp_path / "m")["label_convention"] == "brats2023"
+
+
+def test_merge_refuses_mismatches(tmp_path):
+    labels = _random_labels(0)
+    _write(tmp_path / "a" / "c1.nii.gz", labels)
+    _write(tmp_path / "a" / "c2.nii.gz", labels)
+    _write(tmp_path / "b" / "c1.nii.gz", labels)
+    with pytest.raises(ValueError, match=r"only in A .*\['c2'\]"):
+        merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    _write(tmp_path / "b" / "c2.nii.gz", labels[:, :, :6])
+    with pytest.raises(ValueError, match="case c2: .*shape"):
+        merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    _write(tmp_path / "b" / "c2.nii.gz", labels, affine=np.diag([2.0, 2.0, 2.5, 1.0]))
+    with pytest.raises(ValueError, match="case c2: affines differ"):
+        merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    _write(tmp_path / "b" / "c2.nii.gz", np.where(labels == 4, 3, labels))
+    with pytest.raises(ValueError, match="b: label maps contain both 3 and 4"):
+        merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    _write(tmp_path / "b" / "c1.nii.gz", np.where(labels == 4, 3, labels))
+    with pytest.raises(ValueError, match="ET code 4, B .* uses 3"):
+        merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    _write(tmp_path / "b" / "c1.nii.gz", labels)
+    _write(tmp_path / "b" / "c2.nii.gz", np.where(labels == 4, 7, labels))
+    with pytest.raises(ValueError, match=r"case c2: B label map .* holds codes \[7\]"):
+        merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    write_manifest(tmp_path / "a", {"label_convention": "brats2020"})
+    write_manifest(tmp_path / "b", {"label_convention": "brats2023"})
+    with pytest.raises(ValueError, match="label convention brats2020, B .* brats2023"):
+        merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    assert not (tmp_path / "m").exists()
