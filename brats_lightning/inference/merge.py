@@ -168,9 +168,7 @@ def merge_folders(
             raise ValueError(f"merge: A ({a_dir}) uses ET code {conv.et}, B ({b_dir}) uses {conv_b.et}")
         conv = conv or conv_b or BRATS2020
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for case_id, (a, b, a_img) in loaded.items():
+    for case_id, (a, b, _) in loaded.items():  # check everything before writing anything
         for name, volume, path in (("A", a, a_paths[case_id]), ("B", b, b_paths[case_id])):
             bad = unexpected_labels(volume, conv)
             if bad:
@@ -178,6 +176,9 @@ def merge_folders(
                     f"merge: case {case_id}: {name} label map {path} holds codes {bad}; expected "
                     f"{list(conv.labels)} ({conv.name})"
                 )
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for case_id, (a, b, a_img) in loaded.items():
         merged = merge_labels(a, b, conv)
         written.append(save_label_map(merged, a_img, out_dir / f"{case_id}.nii.gz"))
     write_manifest(out_dir, {
