@@ -49,6 +49,7 @@ YEARS: tuple[int, ...] = (2020, 2021, 2023)
 # Tissue intensities relative to T1 white matter, rows in MODALITIES order (t1, t1ce, t2, flair),
 # columns: CSF, GM, WM, edema, necrosis / non-enhancing core, enhancing tumour.
 TISSUES: tuple[str, ...] = ("csf", "gm", "wm", "edema", "necrosis", "enhancing")
+CSF, GM, WM = 1, 2, 3  # codes of SyntheticCase.tissue (0 is background)
 CONTRASTS = np.array([
     # csf   gm    wm    ed    ncr   et
     [0.30, 0.68, 1.00, 0.62, 0.40, 0.72],  # t1: tumour hypo-intense, edema darker than WM
@@ -151,11 +152,12 @@ class _SmoothField:
     def __call__(self, axes: list[np.ndarray]) -> np.ndarray:
         """Evaluate on the grid spanned by three 1-D coordinate arrays (mm); returns float32."""
         shape = tuple(len(a) for a in axes)
-        out = np.zeros(shape, dtype=np.float32)
-        for f, ph, a in zip(self.freqs, self.phases, self.amps, strict=True):
-            cx, cy, cz = (np.cos(2 * np.pi * f[i] * axes[i] + ph[i]).astype(np.float32) for i in range(3))
-            out += np.float32(a) * cx[:, None, None] * cy[None, :, None] * cz[None, None, :]
-        return out
+        cos = [np.cos(2 * np.pi * self.freqs[:, i, None] * axes[i][None, :] + self.phases[:, i, None])
+               for i in range(3)]  # (terms, n_i) each
+        plane = self.amps[:, None, None] * cos[0][:, :, None] * cos[1][:, None, :]  # (terms, X, Y)
+        # sum over terms of plane (X, Y) x cz (Z): one matrix product
+        out = plane.reshape(len(self.amps), -1).T.astype(np.float32) @ cos[2].astype(np.float32)
+        return out.reshape(shape)
 
 
 def _smooth_noise(rng: np.random.Generator, shape: tuple[int, ...], sigma_vox: float) -> np.ndarray:
@@ -248,21 +250,20 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     contrasts = params.contrasts
 
     def axes_mm(start: np.ndarray, stop: np.ndarray, step: int = 1) -> list[np.ndarray]:
-        return [(np.arange(a, b, step) - c) * s for a, b, c in zip(start, stop, centre_vox, strict=True)]
+        return [((np.arange(a, b, step) - c) * s).astype(np.float32)
+                for a, b, c in zip(start, stop, centre_vox, strict=True)]
 
     def template_coords(axes: list[np.ndarray], warped: list[np.ndarray] | None = None) -> np.ndarray:
         """Template voxel coordinates (3, *grid) of output points (the axes grid or its warped version)."""
         grid = warped if warped is not None else [
             axes[0][:, None, None], axes[1][None, :, None], axes[2][None, None, :]]
-        disp = [field(axes) for field in deform]
         full = tuple(len(a) for a in axes)
-        coords = np.empty((3, *full), dtype=np.float32)
-        for j in range(3):
-            acc = np.full(full, tpl_centre[j] + shift[j], dtype=np.float32)
-            for k in range(3):
-                acc += np.float32(matrix[j, k]) * (grid[k] + disp[k])
-            coords[j] = acc
-        return coords
+        moved = np.empty((3, int(np.prod(full))), dtype=np.float32)
+        for k in range(3):
+            moved[k] = (grid[k] + deform[k](axes)).reshape(-1)
+        coords = matrix.astype(np.float32) @ moved  # one small matrix product over all points
+        coords += (tpl_centre + shift).astype(np.float32)[:, None]
+        return coords.reshape(3, *full)
 
     def sample(volume: np.ndarray, coords: np.ndarray) -> np.ndarray:
         return ndimage.map_coordinates(volume, coords, order=1, mode="constant", cval=0.0, prefilter=False,
@@ -283,15 +284,17 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     hi = np.minimum(nz.max(axis=0) * stride + margin + 1, shape)
     depth = ndimage.distance_transform_edt(coarse_mask, sampling=stride * s)
     zc = coarse_axes[2]
-    upper = zc[None, None, :] > (zc[nz[:, 2]].mean() - 15.0)  # above the brain's mid-height: supratentorial
-    ok = (coarse_wm > 0.6) & (depth >= 14.0) & upper
+    z_lo, z_hi = zc[nz[:, 2].min()], zc[nz[:, 2].max()]
+    # cerebral hemispheres, away from the vertex: 30-75% of the brain's height (gliomas are supratentorial)
+    band = (zc > z_lo + 0.3 * (z_hi - z_lo)) & (zc < z_lo + 0.75 * (z_hi - z_lo))
+    ok = (coarse_wm > 0.6) & (depth >= 14.0) & band[None, None, :]
     if not ok.any():
         ok = (coarse_wm > 0.5) & (depth >= 8.0)
     candidates = np.argwhere(ok)
     pick = (candidates[int(params.pick_u * len(candidates))] * stride
             + (params.pick_offset * stride).astype(int))
     tumour_vox = np.clip(pick, lo, hi - 1)
-    c_mm = (tumour_vox - centre_vox) * s
+    c_mm = ((tumour_vox - centre_vox) * s).astype(np.float32)
 
     # --- full-resolution pass inside the brain's box, with mass effect around the tumour
     axes = axes_mm(lo, hi)
@@ -302,8 +305,12 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     warped = [(c_mm[k] + u[k] * factor).astype(np.float32) for k in range(3)]
     coords = template_coords(axes, warped)
     brain = sample(mask_t, coords) > 0.5
-    gm = np.clip(sample(gm_t, coords), 0.0, 1.0)
-    wm = np.clip(sample(wm_t, coords), 0.0, 1.0)
+    inside = coords[:, brain]  # tissue maps are only needed inside the brain
+    gm = np.zeros(brain.shape, dtype=np.float32)
+    wm = np.zeros(brain.shape, dtype=np.float32)
+    gm[brain] = np.clip(sample(gm_t, inside), 0.0, 1.0)
+    wm[brain] = np.clip(sample(wm_t, inside), 0.0, 1.0)
+    del inside
     total = gm + wm
     over = total > 1.0
     gm[over] /= total[over]
@@ -312,7 +319,9 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     del coords, warped, r2, factor
     out_box = tuple(slice(a, b) for a, b in zip(lo, hi, strict=True))
     tissue = np.zeros(shape, dtype=np.uint8)
-    tissue[out_box] = np.where(brain, 1 + np.argmax(np.stack([csf, gm, wm]), axis=0), 0).astype(np.uint8)
+    is_wm = brain & (wm >= gm) & (wm >= csf)
+    is_gm = brain & ~is_wm & (gm >= csf)
+    tissue[out_box] = np.where(is_wm, WM, np.where(is_gm, GM, np.where(brain, CSF, 0))).astype(np.uint8)
 
     # --- tumour labels in a local box around the centre
     half = int(np.ceil(1.6 * radii.max() / s)) + 2
@@ -343,6 +352,8 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     tc[cvox] = True
     ncr = tc & (d_tc + 0.12 * n_ncr < f_ncr) if has_ncr else np.zeros_like(tc)
     wt |= tc
+    parts, _ = ndimage.label(wt)  # one lesion: drop edema islands not connected to the core
+    wt = np.isin(parts, np.unique(parts[tc]))
     local_labels = np.zeros(lshape, dtype=np.uint8)
     local_labels[wt] = convention.ed
     if not has_et:
