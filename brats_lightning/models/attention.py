@@ -1,9 +1,15 @@
 """CBAM (convolutional block attention module) for 3D feature maps, as used by the attention U-Net.
 
 Paper section 2.5 / SPEC.md "Network", attention variant: a channel gate then a spatial gate.
-Global pooling uses plain tensor reductions (``mean`` / ``amax``), not pooling modules: the reference code's
-whole-volume ``avg_pool3d`` / ``max_pool3d`` kernels made the attention network 4.2x slower than the plain
-one on GPU (SPEC.md "Measured anchors"); the reductions bring that to 1.2x.
+Global pooling uses plain tensor reductions (``mean`` and ``max(dim)``), not pooling modules: the reference
+code's whole-volume ``avg_pool3d`` / ``max_pool3d`` kernels made the attention network 4.2x slower than the
+plain one on GPU (SPEC.md "Measured anchors"); plain reductions bring that to about 1.2x.
+
+Maxima use ``Tensor.max(dim)`` (values + indices; the backward scatters to the argmax) rather than ``amax``:
+with torch 2.13, ``torch.compile`` (inductor) + bf16 autocast on CPU returns NaN gradients for ``amax``
+after GroupNorm + ReLU (likely an equality mask between the input and a recomputed maximum that matches no
+element, giving 0 / 0), which made every encoder gradient of the compiled attention U-Net NaN; ``max(dim)``
+gives finite, eager-equal gradients there (tests/models/test_attention.py).
 """
 
 from __future__ import annotations
@@ -38,7 +44,10 @@ class ChannelGate(nn.Module):
         """The gate, shape (B, C, 1, 1, 1), values in (0, 1)."""
         b, c = x.shape[:2]
         spatial = tuple(range(2, x.ndim))
-        pooled = torch.cat([x.mean(dim=spatial), x.amax(dim=spatial)], dim=0)  # (2B, C): one MLP call
+        peak = x
+        for dim in reversed(spatial):  # max over the spatial dims one at a time: no copy in any memory format
+            peak = peak.max(dim=dim).values
+        pooled = torch.cat([x.mean(dim=spatial), peak], dim=0)  # (2B, C): one MLP call
         att = self.mlp(pooled)
         att = att[:b] + att[b:]
         return torch.sigmoid(att).view(b, c, *([1] * len(spatial)))
@@ -68,7 +77,7 @@ class SpatialGate(nn.Module):
 
     def gate(self, x: torch.Tensor) -> torch.Tensor:
         """The gate, shape (B, 1, X, Y, Z)."""
-        pooled = torch.cat([x.amax(dim=1, keepdim=True), x.mean(dim=1, keepdim=True)], dim=1)
+        pooled = torch.cat([x.max(dim=1, keepdim=True).values, x.mean(dim=1, keepdim=True)], dim=1)
         return torch.sigmoid(self.post(self.conv(pooled)))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

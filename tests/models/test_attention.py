@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import shutil
+
+import pytest
 import torch
 import torch.nn.functional as F
 
-from brats_lightning.models.attention import CBAM, ChannelGate, SpatialGate
-from brats_lightning.models.blocks import group_norm
+from brats_lightning.models.attention import CBAM, ChannelGate, SpatialGate, cbam_factory
+from brats_lightning.models.blocks import Stage, group_norm
 
 
 def test_channel_gate_matches_pooling_definition() -> None:
@@ -50,3 +53,31 @@ def test_cbam_is_channel_then_spatial() -> None:
     expected = after_channel * cbam.spatial_gate.gate(after_channel)
     torch.testing.assert_close(cbam(x), expected)
     assert cbam.channel_gate.mlp[0].out_features == 1  # max(1, 16 // 16)
+
+
+def test_gates_ignore_memory_format() -> None:
+    torch.manual_seed(0)
+    cbam = CBAM(16)
+    x = torch.randn(2, 16, 8, 6, 4)
+    torch.testing.assert_close(cbam(x.contiguous(memory_format=torch.channels_last_3d)), cbam(x))
+
+
+@pytest.mark.skipif(
+    not any(shutil.which(c) for c in ("g++", "c++", "clang++")),
+    reason="torch.compile on CPU needs a C++ compiler",
+)
+def test_compiled_bf16_gradients_are_finite() -> None:
+    # Regression: with amax reductions, inductor + bf16 autocast gave NaN input gradients for
+    # conv -> GroupNorm -> ReLU -> CBAM (torch 2.13, CPU); eager was fine.
+    torch.manual_seed(0)
+    stage = Stage((128, 32), group_norm, attention=cbam_factory(group_norm))
+    x = torch.randn(1, 128, 4, 4, 4)
+    grads = []
+    for module in (stage, torch.compile(stage)):
+        xi = x.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = module(xi)
+        y.float().square().sum().backward()
+        grads.append(xi.grad)
+    assert torch.isfinite(grads[1]).all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=0.1, atol=0.1)  # bf16: loose, but same gradient
