@@ -324,7 +324,7 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     tissue[out_box] = np.where(is_wm, WM, np.where(is_gm, GM, np.where(brain, CSF, 0))).astype(np.uint8)
 
     # --- tumour labels in a local box around the centre
-    half = int(np.ceil(1.6 * radii.max() / s)) + 2
+    half = int(np.ceil(1.4 * radii.max() / s)) + 2  # the whole tumour reaches at most 1.375 radii
     local_c = tumour_vox - lo
     llo = np.maximum(local_c - half, 0)
     lhi = np.minimum(local_c + half + 1, hi - lo)
@@ -343,7 +343,9 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     n_tex = _smooth_noise(noise_rng, lshape, 2.0 / s)
     n_ncr = _smooth_noise(noise_rng, lshape, 3.0 / s)
     lbrain = brain[box]
-    wt = (ellipsoid(np.zeros(3), radii) + 0.3 * n_wt - 0.4 * (wm[box] - 0.5) < 1.0) & lbrain
+    # irregular border (smooth noise), reaching further along white matter, sparing CSF spaces
+    reach = 1.0 + 0.25 * np.tanh(n_wt) + 0.25 * (wm[box] - 0.5)
+    wt = (ellipsoid(np.zeros(3), radii) < reach) & lbrain & (csf[box] < 0.6)
     d_tc = ellipsoid(tc_offset, radii * f_tc) + 0.15 * n_tc
     r_tc = f_tc * radii.min()
     f_ncr = min(f_ncr, 1.0 - 1.6 * s / r_tc) if has_et and has_ncr else f_ncr
