@@ -152,11 +152,12 @@ def predict_probabilities(
     padded, inner = pad_to_multiple(np.ascontiguousarray(images, dtype=np.float32), PAD_MULTIPLE)
     tensor = torch.from_numpy(padded)[None].to(device)
     stats = RunningStats()
-    for net in nets:
-        for probs in iter_view_probabilities(net, tensor, views, view_batch_size, amp_dtype):
-            stats.add(probs, track_spread=track_spread)
-    mean = unpad(stats.mean(), inner).cpu().numpy()
-    std = unpad(stats.std(), inner).cpu().numpy() if track_spread else None
+    with torch.inference_mode():
+        for net in nets:
+            for probs in iter_view_probabilities(net, tensor, views, view_batch_size, amp_dtype):
+                stats.add(probs, track_spread=track_spread)
+        mean = unpad(stats.mean(), inner).cpu().numpy()
+        std = unpad(stats.std(), inner).cpu().numpy() if track_spread else None
     return np.ascontiguousarray(mean), None if std is None else np.ascontiguousarray(std), stats.count
 
 

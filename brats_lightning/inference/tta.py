@@ -175,17 +175,19 @@ def iter_view_probabilities(
     groups: dict[tuple[int, int, int], list[View]] = {}
     for view in views:
         groups.setdefault(view.output_shape(spatial), []).append(view)
-    with torch.inference_mode(), _autocast(image.device, amp_dtype):
-        for group in groups.values():
-            for start in range(0, len(group), view_batch_size):
-                chunk = group[start:start + view_batch_size]
+    for group in groups.values():
+        for start in range(0, len(group), view_batch_size):
+            chunk = group[start:start + view_batch_size]
+            # The grad/autocast modes are entered per batch and left before yielding, so that the caller's
+            # code between two views never runs under them (a suspended generator would keep them on).
+            with torch.inference_mode(), _autocast(image.device, amp_dtype):
                 batch = torch.cat([view.forward(image) for view in chunk], dim=0)
                 logits = model(batch)
                 if isinstance(logits, (tuple, list)):  # deep supervision left on: main output first
                     logits = logits[0]
                 probs = torch.sigmoid(logits.float())
-                for i, view in enumerate(chunk):
-                    yield view.inverse(probs[i])
+                back = [view.inverse(probs[i]) for i, view in enumerate(chunk)]
+            yield from back
 
 
 def tta_predict(
@@ -210,8 +212,9 @@ def tta_predict(
         Probabilities (3, X, Y, Z), float32, on the image's device.
     """
     total: torch.Tensor | None = None
-    for probs in iter_view_probabilities(model, image, views, view_batch_size, amp_dtype):
-        total = probs.double() if total is None else total.add_(probs)
+    with torch.inference_mode():
+        for probs in iter_view_probabilities(model, image, views, view_batch_size, amp_dtype):
+            total = probs.double() if total is None else total.add_(probs)
     if total is None:
         raise ValueError("tta_predict: no views given")
     return (total / len(views)).float()

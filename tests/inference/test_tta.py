@@ -121,3 +121,12 @@ def test_resolve_amp_dtype():
     assert resolve_amp_dtype("cpu", "bf16") is torch.bfloat16
     with pytest.raises(ValueError, match="precision"):
         resolve_amp_dtype("cpu", "fp8")
+
+
+def test_grad_mode_is_restored_between_views():
+    """The caller's code between two yielded views runs with its own grad mode (not inference mode)."""
+    image = torch.randn(1, 4, 8, 8, 8)
+    modes = []
+    for _ in iter_view_probabilities(FirstThreeChannels(), image, VIEWS[:3], 1, None):
+        modes.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
+    assert modes == [(True, False)] * 3
