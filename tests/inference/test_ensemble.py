@@ -42,7 +42,7 @@ def test_ensemble_script_out_of_fold(tiny_run_factory, tiny_dataset):
     env = dict(os.environ, WANDB_MODE="disabled")
     result = subprocess.run(
         [sys.executable, "ensemble.py", f"runs={runs}", f"dataset={tiny_dataset}", "oof=true",
-         "predict.tta=none", "predict.device=cpu"],
+         "predict.tta=none", "predict.device=cpu", "choose_et_threshold=true", "et_candidates=[0,5,10]"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
     )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
@@ -63,6 +63,10 @@ def test_ensemble_script_out_of_fold(tiny_run_factory, tiny_dataset):
         f"A/{model}/fold0 ({runs / 'A' / model / 'fold0'})" for model in ("att", "unet")]
     assert manifest_a["case_runs"]["case_002"] == [f"A/unet/fold1 ({runs / 'A' / 'unet' / 'fold1'})"]
     report = json.loads((out / "ensemble.json").read_text())
+    assert set(report["et_threshold"]) == {"A", "B", "merged"}
+    for choice in report["et_threshold"].values():
+        assert set(choice["mean_dice_et"]) == {"0", "5", "10"}
+        assert choice["mean_dice_et"][str(choice["threshold"])] == max(choice["mean_dice_et"].values())
     for name in ("A", "B", "merged"):
         cases = pd.read_csv(out / name / "cases.csv")
         assert sorted(cases["case"]) == ["case_000", "case_001", "case_002"]
