@@ -175,5 +175,6 @@ def test_training_step_returns_per_case_losses(synthetic_root, tmp_path):
     assert out["case_losses"].shape == (3,) and not out["case_losses"].requires_grad
     assert out["case_id"] == batch["case_id"]
     logits = module.net(batch["image"])[0]
-    per_case = [float(DiceLoss(squared=False)(logits[i : i + 1], batch["target"][i : i + 1])) for i in range(3)]
+    dice = DiceLoss(squared=False)
+    per_case = [float(dice(logits[i : i + 1], batch["target"][i : i + 1])) for i in range(3)]
     assert out["case_losses"].tolist() == pytest.approx(per_case, abs=1e-5)

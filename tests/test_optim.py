@@ -13,7 +13,13 @@ import torch_optimizer
 from omegaconf import OmegaConf
 from torch.utils.data import DataLoader, TensorDataset
 
-from brats_lightning.optim import Ranger, WarmupConstantCosine, build_optimizer, build_scheduler, centralize_gradient
+from brats_lightning.optim import (
+    Ranger,
+    WarmupConstantCosine,
+    build_optimizer,
+    build_scheduler,
+    centralize_gradient,
+)
 
 CONF = Path(__file__).resolve().parents[1] / "conf"
 
@@ -70,13 +76,15 @@ def test_warmup_then_cosine_with_floor():
     for e in range(5, 10):
         assert factors[e] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * (e - 5) / 5)))
     assert factors[10] == factors[11] == pytest.approx(0.1)  # held after the schedule's end
-    lrs = _lrs({"name": "adam", "lr": 0.01}, {"name": "cosine", "epochs": 4, "warmup_epochs": 1, "min_lr": 1e-3}, 5)
+    schedule_cfg = {"name": "cosine", "epochs": 4, "warmup_epochs": 1, "min_lr": 1e-3}
+    lrs = _lrs({"name": "adam", "lr": 0.01}, schedule_cfg, 5)
     assert lrs == pytest.approx([0.005, 0.01, 0.01 * 0.1 + 0.009 * 0.5 * (1 + math.cos(math.pi / 3)),
                                  1e-3 + 0.009 * 0.5 * (1 + math.cos(2 * math.pi / 3)), 1e-3])
 
 
 def test_constant_fraction_follows_epochs_and_bad_configs_raise():
-    lrs = _lrs({"name": "sgd", "lr": 1.0}, {"name": "constant_cosine", "epochs": 8, "constant_fraction": 0.5}, 8)
+    schedule_cfg = {"name": "constant_cosine", "epochs": 8, "constant_fraction": 0.5}
+    lrs = _lrs({"name": "sgd", "lr": 1.0}, schedule_cfg, 8)
     assert lrs[:4] == [1.0] * 4 and lrs[4] == pytest.approx(1.0) and lrs[6] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="constant_epochs=100"):
         _lrs({"name": "sgd", "lr": 1.0}, {"name": "constant_cosine", "epochs": 8, "constant_epochs": 100}, 1)

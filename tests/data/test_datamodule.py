@@ -19,13 +19,14 @@ from brats_lightning.data.splits import make_folds
 def _regions(labels: np.ndarray) -> np.ndarray:
     """ET = {4}, TC = {1, 4}, WT = {1, 2, 4} (SPEC.md "Data"), written out independently of labels.py."""
     labels = np.asarray(labels)
-    return np.stack([labels == 4, (labels == 1) | (labels == 4), (labels == 1) | (labels == 2) | (labels == 4)])
+    et, ncr, ed = labels == 4, labels == 1, labels == 2
+    return np.stack([et, ncr | et, ncr | ed | et])
 
 
 @pytest.fixture()
 def datamodule(synthetic_root: Path, tmp_path: Path) -> BratsDataModule:
-    dm = BratsDataModule(synthetic_root, fold=1, normalization="minmax", batch_size=2, cache_dir=tmp_path / "cache",
-                         crop_size=32, foreground_prob=0.5, num_workers=0, name="tiny")
+    dm = BratsDataModule(synthetic_root, fold=1, normalization="minmax", batch_size=2,
+                         cache_dir=tmp_path / "cache", crop_size=32, foreground_prob=0.5, num_workers=0, name="tiny")
     dm.setup("fit")
     return dm
 
@@ -51,7 +52,8 @@ def test_training_batches_are_crops_with_nested_regions(datamodule):
     assert sum(len(b["case_id"]) for b in batches) == len(datamodule.train_cases)  # one pass = one epoch
     n = len(datamodule.train_cases)
     assert n == 5 and [len(b["case_id"]) for b in batches] == [2, 2, 1]  # batch 2, last one short
-    assert sorted(c for b in batches for c in b["case_id"]) == sorted(c.case_id for c in datamodule.train_cases)
+    seen = sorted(c for b in batches for c in b["case_id"])
+    assert seen == sorted(c.case_id for c in datamodule.train_cases)
     for batch in batches:
         size = len(batch["case_id"])
         assert batch["image"].shape == (size, 4, 32, 32, 32) and batch["image"].dtype == torch.float32
@@ -72,8 +74,8 @@ def test_crop_larger_than_box_holds_whole_case(synthetic_root, tmp_path):
         pre = cache.get(case)
         expected = _regions(pre.labels).reshape(3, -1).sum(axis=1)
         assert item["target"].reshape(3, -1).sum(dim=1).tolist() == expected.tolist()
-        assert float(item["image"].sum()) == pytest.approx(float(np.asarray(pre.images, dtype=np.float64).sum()),
-                                                           rel=1e-5)
+        total = float(np.asarray(pre.images, dtype=np.float64).sum())
+        assert float(item["image"].sum()) == pytest.approx(total, rel=1e-5)
 
 
 def test_validation_batch_is_padded_brain_box(datamodule, tmp_path):
@@ -88,7 +90,8 @@ def test_validation_batch_is_padded_brain_box(datamodule, tmp_path):
         box = Box.from_dict(batch["box"][0])
         assert box.shape == pre.box.shape
         np.testing.assert_array_equal(image[(slice(None), *box.slices)], np.asarray(pre.images))
-        assert float(np.abs(image).sum()) == pytest.approx(float(np.abs(np.asarray(pre.images)).sum()), rel=1e-6)
+        total = float(np.abs(np.asarray(pre.images)).sum())
+        assert float(np.abs(image).sum()) == pytest.approx(total, rel=1e-6)  # zeros outside the box
         target = batch["target"][0].numpy()
         assert target.dtype == bool and target.shape == (3, *pre.box.shape)  # unpadded
         np.testing.assert_array_equal(target, _regions(pre.labels))
@@ -102,7 +105,8 @@ def test_exclusion_only_affects_training(synthetic_root, tmp_path):
     exclude_file = tmp_path / "flagged.txt"
     exclude_file.write_text(f"# flagged cases\n{train_id}\n{val_id}\n")
     assert read_exclusions(exclude_file) == [train_id, val_id]
-    dm = BratsDataModule(synthetic_root, fold=0, cache_dir=tmp_path / "cache", crop_size=32, exclude=exclude_file)
+    dm = BratsDataModule(synthetic_root, fold=0, cache_dir=tmp_path / "cache", crop_size=32,
+                         exclude=exclude_file)
     dm.setup()
     assert [c.case_id for c in dm.train_cases] == [c.case_id for c in base.train_cases[1:]]
     assert [c.case_id for c in dm.val_cases] == [c.case_id for c in base.val_cases]
