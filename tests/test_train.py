@@ -27,8 +27,8 @@ from brats_lightning.runs import callback_records, merge_records, wandb_run_id, 
 
 REPO = Path(__file__).resolve().parents[1]
 RUN_KEYS = {"pipeline", "model", "fold", "seed", "normalization", "label_convention", "channels",
-            "model_config", "checkpoints", "val_metrics", "val_metrics_swa", "data", "split_file", "val_cases", "exclude",
-            "run_dir", "wandb_run_id"}
+            "model_config", "checkpoints", "val_metrics", "val_metrics_swa", "data", "split_file",
+            "val_cases", "exclude", "run_dir", "wandb_run_id"}
 
 
 # ------------------------------------------------------------------------------------------- checkpointing
@@ -105,7 +105,8 @@ def test_run_record_merge_and_write(tmp_path):
                       "val_metrics_swa": {"dice_mean": 0.9}}
     assert base["checkpoints"]["swa"] is None  # inputs untouched
     path = write_run_record(tmp_path, merged)
-    assert json.loads(path.read_text()) == merged and sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
+    assert json.loads(path.read_text()) == merged
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.json"]
     first = wandb_run_id(tmp_path / "run")
     assert first == wandb_run_id(tmp_path / "run") and first != wandb_run_id(tmp_path / "other")
     assert first.isalnum() and (tmp_path / "run" / "wandb_id.txt").read_text().strip() == first
@@ -154,7 +155,8 @@ def _wandb_run(run_dir: Path) -> dict:
                 info["ids"].add(record.run.run_id)
                 info["group"], info["name"] = record.run.run_group, record.run.display_name
             elif kind == "history":
-                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in record.history.item}
+                items = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+                         for i in record.history.item}
                 if "val/dice_mean" in items:
                     info["history"].append(items["val/dice_mean"])
             elif kind == "summary":
@@ -189,7 +191,8 @@ def test_multirun_two_folds_then_resume(synthetic_root, tmp_path):
         assert (run["pipeline"], run["model"], run["fold"], run["seed"]) == ("A", "equiunet", fold, 42)
         assert run["normalization"] == "minmax" and run["label_convention"] == "brats2020"
         assert run["channels"] == ["t1", "t1ce", "t2", "flair"]
-        assert run["run_dir"] == str(run_dir.resolve()) and run["data"]["root"] == str(synthetic_root.resolve())
+        assert run["run_dir"] == str(run_dir.resolve())
+        assert run["data"]["root"] == str(synthetic_root.resolve())
         assert run["checkpoints"]["swa"] is None and run["val_metrics_swa"] is None
         assert set(run["val_metrics"]) >= {"dice_et", "dice_tc", "dice_wt", "dice_mean", "loss"}
         split = json.loads(Path(run["split_file"]).read_text())

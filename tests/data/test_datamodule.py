@@ -26,7 +26,8 @@ def _regions(labels: np.ndarray) -> np.ndarray:
 @pytest.fixture()
 def datamodule(synthetic_root: Path, tmp_path: Path) -> BratsDataModule:
     dm = BratsDataModule(synthetic_root, fold=1, normalization="minmax", batch_size=2,
-                         cache_dir=tmp_path / "cache", crop_size=32, foreground_prob=0.5, num_workers=0, name="tiny")
+                         cache_dir=tmp_path / "cache", crop_size=32, foreground_prob=0.5, num_workers=0,
+                         name="tiny")
     dm.setup("fit")
     return dm
 
