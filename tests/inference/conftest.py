@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import hydra.utils
 import nibabel as nib
@@ -119,10 +120,11 @@ def write_case(
     shift = rng.integers(-1, 2, size=3)[:, None, None, None]
     r = np.sqrt((((grid - centre - shift) * np.array([1.0, 1.0, 1.25], np.float32)[:, None, None, None]) ** 2)
                 .sum(0))
+    scale = 1 + 0.15 * (seed % 3)  # tumour size differs between cases
     seg_box = np.zeros(inner, np.uint8)
-    seg_box[brain & (r < 4.5)] = 2
-    seg_box[brain & (r < 3)] = 4
-    seg_box[brain & (r < 1.5)] = 1
+    seg_box[brain & (r < 4.5 * scale)] = 2
+    seg_box[brain & (r < 3 * scale)] = 4
+    seg_box[brain & (r < 1.5 * scale)] = 1
     folder = root / case_id
     folder.mkdir(parents=True, exist_ok=True)
     boost = {"t1": {}, "t1ce": {4: 120, 1: -30}, "t2": {2: 60, 1: 80}, "flair": {2: 90, 4: 40, 1: 30}}
@@ -153,3 +155,21 @@ def tiny_dataset(tmp_path):
 def case_writer():
     """:func:`write_case` as a fixture (tests have no package to import it from)."""
     return write_case
+
+
+POINTWISE_CONFIG = {"_target_": "torch.nn.Conv3d", "in_channels": 4, "out_channels": 3, "kernel_size": 1}
+# logits: ET = 10 t1ce - 7, TC = 10 t2 - 8, WT = 10 flair - 4 (input channels t1, t1ce, t2, flair)
+POINTWISE_W = np.array([[0, 10, 0, 0], [0, 0, 10, 0], [0, 0, 0, 10]], dtype=np.float32)
+POINTWISE_B = np.array([-7, -8, -4], dtype=np.float32)
+
+
+@pytest.fixture
+def pointwise():
+    """A real 1x1x1 network (torch.nn.Conv3d) with known weights: its output is computable voxel by voxel.
+
+    ``pointwise.run_kwargs`` goes to ``tiny_run_factory``; ``pointwise.W`` / ``pointwise.B`` are the weights.
+    """
+    weights = {"weight": torch.from_numpy(POINTWISE_W).reshape(3, 4, 1, 1, 1),
+               "bias": torch.from_numpy(POINTWISE_B)}
+    run_kwargs = {"model": "pointwise", "model_config": POINTWISE_CONFIG, "weights": weights}
+    return SimpleNamespace(W=POINTWISE_W, B=POINTWISE_B, run_kwargs=run_kwargs)

@@ -71,18 +71,26 @@ def test_choose_threshold_hand_example(tmp_path):
         choose_et_threshold(pred_root, gt_root)
 
 
-def test_predictor_applies_et_threshold(tiny_run_factory, tiny_dataset, tmp_path):
-    """The same real run with and without --et-threshold: small ET becomes 1, nothing else changes."""
-    tiny_run_factory(fold=0, seed=4)
+def test_predictor_applies_et_threshold(tiny_run_factory, tiny_dataset, tmp_path, pointwise):
+    """The same run with and without --et-threshold T: ET of fewer than T voxels becomes 1, nothing else
+    changes; T sits between the cases' ET sizes, so some cases change and others don't."""
+    tiny_run_factory(**pointwise.run_kwargs)
     plain, post = tmp_path / "plain", tmp_path / "post"
     predict_folder(tiny_run_factory.root, tiny_dataset, plain, options=PredictOptions(tta="none"))
+    case_ids = ("case_000", "case_001", "case_002")
+    before = {c: np.asanyarray(nib.load(plain / f"{c}.nii.gz").dataobj) for c in case_ids}
+    sizes = sorted({int((labels == 4).sum()) for labels in before.values()})
+    assert len(sizes) >= 2 and sizes[0] > 0, sizes
+    threshold = sizes[-1]  # the largest ET stays, smaller ones go
     predict_folder(tiny_run_factory.root, tiny_dataset, post,
-                   options=PredictOptions(tta="none", et_threshold=10**6))
-    seen_et = False
-    for case_id in ("case_000", "case_001", "case_002"):
-        a = np.asanyarray(nib.load(plain / f"{case_id}.nii.gz").dataobj)
+                   options=PredictOptions(tta="none", et_threshold=threshold))
+    changed = 0
+    for case_id, a in before.items():
         b = np.asanyarray(nib.load(post / f"{case_id}.nii.gz").dataobj)
-        seen_et |= bool((a == 4).any())
-        np.testing.assert_array_equal(b, np.where(a == 4, 1, a))
-    assert seen_et
-    assert json.loads((post / "prediction.json").read_text())["et_threshold"] == 10**6
+        if (a == 4).sum() < threshold:
+            np.testing.assert_array_equal(b, np.where(a == 4, 1, a))
+            changed += 1
+        else:
+            np.testing.assert_array_equal(b, a)
+    assert 1 <= changed < len(case_ids)
+    assert json.loads((post / "prediction.json").read_text())["et_threshold"] == threshold

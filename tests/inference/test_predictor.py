@@ -8,7 +8,6 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
-import torch
 from omegaconf import OmegaConf
 
 from brats_lightning.cli import main as cli_main
@@ -26,20 +25,11 @@ from brats_lightning.inference.runs import find_runs, read_run
 
 REPO = Path(__file__).resolve().parents[2]
 
-POINTWISE = {"_target_": "torch.nn.Conv3d", "in_channels": 4, "out_channels": 3, "kernel_size": 1}
-# logits: ET = 10 t1ce - 7, TC = 10 t2 - 8, WT = 10 flair - 4 (channels t1, t1ce, t2, flair)
-W = np.array([[0, 10, 0, 0], [0, 0, 10, 0], [0, 0, 0, 10]], dtype=np.float32)
-B = np.array([-7, -8, -4], dtype=np.float32)
-
-
-def pointwise_weights() -> dict[str, torch.Tensor]:
-    return {"weight": torch.from_numpy(W).reshape(3, 4, 1, 1, 1), "bias": torch.from_numpy(B)}
-
-
-def expected_probabilities(case, normalization: str) -> tuple[np.ndarray, object, tuple[int, ...]]:
+def expected_probabilities(case, normalization: str, pointwise) -> tuple[np.ndarray, object, tuple[int, ...]]:
     """The 1x1x1 network's sigmoid output computed in numpy on the preprocessed brain box."""
     pre = preprocess_case(case, normalization)
-    logits = np.einsum("oc,cxyz->oxyz", W.astype(np.float64), pre.images) + B[:, None, None, None]
+    logits = (np.einsum("oc,cxyz->oxyz", pointwise.W.astype(np.float64), pre.images)
+              + pointwise.B[:, None, None, None])
     return 1 / (1 + np.exp(-logits)), pre.box, pre.original_shape
 
 
@@ -54,16 +44,16 @@ def test_conf_predict_yaml_matches_defaults():
 
 
 @pytest.mark.parametrize("tta", ["all", "flips", "none"])
-def test_pointwise_network_end_to_end_exact(tiny_run_factory, tiny_dataset, tmp_path, tta):
+def test_pointwise_network_end_to_end_exact(tiny_run_factory, tiny_dataset, tmp_path, tta, pointwise):
     """With a 1x1x1 network the ensemble output is known voxel by voxel: check crop/pad/TTA/uncrop/save."""
-    tiny_run_factory(model="pointwise", model_config=POINTWISE, weights=pointwise_weights())
+    tiny_run_factory(**pointwise.run_kwargs)
     out = tmp_path / "pred"
     records = predict_folder(tiny_run_factory.root, tiny_dataset, out,
                              options=PredictOptions(tta=tta, precision="fp32", view_batch_size=3))
     assert [r["case"] for r in records] == ["case_000", "case_001", "case_002"]
     assert all(r["members"] == {"all": 16, "flips": 8, "none": 1}[tta] for r in records)
     for case in find_cases(tiny_dataset):
-        probs, box, shape = expected_probabilities(case, "minmax")
+        probs, box, shape = expected_probabilities(case, "minmax", pointwise)
         expected = np.zeros(shape, np.uint8)
         expected[box.slices] = regions_to_labels(probs > 0.5)
         labels, image = read_nifti(out / f"{case.case_id}.nii.gz")
@@ -147,16 +137,15 @@ def test_two_pipelines_are_not_mixed(tiny_run_factory, tiny_dataset, tmp_path):
     tiny_run_factory(pipeline="B", fold=0)
     with pytest.raises(ValueError, match="normalization"):
         predict_folder(tiny_run_factory.root, tiny_dataset, tmp_path / "p")
-    records = predict_folder(tiny_run_factory.root, tiny_dataset, tmp_path / "b", pipeline="B",
+    records = predict_folder(tiny_run_factory.root, tiny_dataset / "case_002", tmp_path / "b", pipeline="B",
                              options=PredictOptions(tta="none"))
-    assert len(records) == 3
+    assert [r["case"] for r in records] == ["case_002"]
     with pytest.raises(FileNotFoundError, match="model=nope"):
         predict_folder(tiny_run_factory.root, tiny_dataset, tmp_path / "p", model="nope")
 
 
-def test_brats2023_runs_write_et_as_3(tiny_run_factory, tiny_dataset, tmp_path):
-    tiny_run_factory(model="pointwise", model_config=POINTWISE, weights=pointwise_weights(),
-                     label_convention="brats2023")
+def test_brats2023_runs_write_et_as_3(tiny_run_factory, tiny_dataset, tmp_path, pointwise):
+    tiny_run_factory(**pointwise.run_kwargs, label_convention="brats2023")
     out = tmp_path / "pred"
     predict_folder(tiny_run_factory.root, tiny_dataset, out, options=PredictOptions(tta="none"))
     labels, _ = read_nifti(out / "case_000.nii.gz")

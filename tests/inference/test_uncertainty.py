@@ -38,7 +38,7 @@ def test_uncertainty_files(tiny_run_factory, tiny_dataset, tmp_path, kind):
     tiny_run_factory(fold=0, seed=2)
     tiny_run_factory(fold=1, seed=3)
     out = tmp_path / "pred"
-    predict_folder(tiny_run_factory.root, tiny_dataset, out,
+    predict_folder(tiny_run_factory.root, tiny_dataset / "case_001", out,
                    options=PredictOptions(tta="none", uncertainty=True, uncertainty_kind=kind))
     source = nib.load(tiny_dataset / "case_001" / "case_001_t1.nii.gz")
     probs, box, _ = load_probabilities(out / "case_001_probs.npz")
