@@ -13,6 +13,7 @@ The loss is computed in float32 with autocast disabled, even inside a bf16 / fp1
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 
 import torch
@@ -41,7 +42,13 @@ class DiceLoss(nn.Module):
                 f"DiceLoss: logits of shape {tuple(logits.shape)} and target of shape {tuple(target.shape)}; "
                 "expected equal shapes (B, C, X, Y, Z) with C region channels (ET, TC, WT)"
             )
-        with torch.autocast(device_type=logits.device.type, enabled=False):
+        device_type = logits.device.type
+        no_autocast = (
+            torch.autocast(device_type=device_type, enabled=False)
+            if torch.amp.is_autocast_available(device_type)
+            else contextlib.nullcontext()  # e.g. the meta device (FLOP counting), which has no autocast
+        )
+        with no_autocast:
             s = torch.sigmoid(logits.float())
             r = target.float()
             intersection = (s * r).sum(dims)

@@ -124,3 +124,10 @@ def test_deep_supervision_sum() -> None:
     assert math.isclose(loss(logits, target).item(), 1 / 3, rel_tol=1e-6)  # a plain tensor: the base loss
     with pytest.raises(TypeError, match="expected a logits tensor"):
         loss([logits, logits, logits], target)
+
+
+def test_runs_on_a_device_without_autocast() -> None:
+    # The meta device (shape-only tensors, used for FLOP counting) has no autocast to disable.
+    logits = torch.empty(1, 3, 8, 8, 8, device="meta")
+    value = DiceLoss(squared=False)(logits, torch.empty(1, 3, 8, 8, 8, device="meta", dtype=torch.bool))
+    assert value.device.type == "meta" and value.dtype == torch.float32 and value.shape == ()

@@ -8,6 +8,7 @@ import hydra.utils
 import pytest
 import torch
 from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
 
 from brats_lightning.losses import DeepSupervisionLoss, DiceLoss
 from brats_lightning.models import AttEquiUnet, EquiUnet, Unet
@@ -205,3 +206,29 @@ def test_init() -> None:
             assert (m.bias is None) == (m.kernel_size == (3, 3, 3))  # only the 1x1x1 heads have biases
             if m.bias is not None:
                 assert torch.all(m.bias == 0)
+
+
+def test_equiunet_w48_flops_match_stage_resolutions() -> None:
+    # Forward FLOPs at 128^3 (eval mode: no deep heads), from each conv's multiply-adds at its resolution:
+    # 2 * 27 * c_in * c_out * voxels for a 3x3x3 conv, 2 * c_in * 3 * voxels for the head. This checks what
+    # the parameter counts can't: that every stage runs at the right resolution (bottom at 1/8, not 1/16).
+    full, half, quarter, eighth = 128**3, 64**3, 32**3, 16**3
+    macs = (
+        full * 27 * (4 * 48 + 48 * 48)  # encoder1
+        + half * 27 * (48 * 96 + 96 * 96)  # encoder2
+        + quarter * 27 * (96 * 192 + 192 * 192)  # encoder3
+        + eighth * 27 * (192 * 384 + 384 * 384)  # encoder4
+        + eighth * 27 * (384 * 384 + 384 * 384)  # bottom (dilated, same resolution)
+        + eighth * 27 * (768 * 192)  # bottom_2
+        + quarter * 27 * (384 * 192 + 192 * 96)  # decoder3
+        + half * 27 * (192 * 96 + 96 * 48)  # decoder2
+        + full * 27 * (96 * 48 + 48 * 48)  # decoder1
+        + full * 48 * 3  # head
+    )
+    with torch.device("meta"):
+        net = EquiUnet(width=48).eval()
+        x = torch.empty(1, 4, 128, 128, 128)
+    with FlopCounterMode(display=False) as counter:
+        net(x)
+    assert counter.get_total_flops() == 2 * macs
+    assert math.isclose(2 * macs / 1e12, 2.0, rel_tol=0.005)  # SPEC.md anchor: forward 2.0 TFLOP
