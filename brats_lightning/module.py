@@ -105,12 +105,17 @@ class BratsModule(pl.LightningModule):
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
         return {"loss": loss, "case_losses": case_losses, "case_id": batch.get("case_id")}
 
-    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
-        """Whole-brain prediction, unpadded, scored per case.
+    def score_batch(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Whole-brain prediction of a validation batch, unpadded and scored per case (nothing logged).
+
+        Shared by :meth:`validation_step` and callbacks that score other weights with the same rules
+        (fast SWA's averaged weights, :class:`~brats_lightning.callbacks.fast_swa.FastSWA`).
 
         Returns:
-            ``{"loss": mean Dice loss of the batch, "pred_regions": bool (B, 3, X, Y, Z) unpadded,
-            "case_id": [...]}`` for callbacks (CONTRACTS.md).
+            ``(metrics, pred_regions)``: ``metrics`` maps ``loss`` (mean Dice loss over the batch's cases),
+            ``dice_mean``, ``dice_et``, ``dice_tc``, ``dice_wt`` (means over the batch's cases, BraTS empty
+            rules) and, when ``validation.hd95`` is on, ``hd95_et``... to 0-d tensors; ``pred_regions`` is
+            bool (B, 3, X, Y, Z) unpadded.
         """
         image, target, boxes = batch["image"], batch["target"], batch["box"]
         logits = self.net(image)
@@ -128,18 +133,27 @@ class BratsModule(pl.LightningModule):
                 extra.append(case_metrics(preds[-1][0].cpu().numpy(), case_target[0].cpu().numpy(),
                                           spacing=spacing, hd95=True))
         pred = torch.cat(preds)
-        loss = torch.stack(losses).mean()
         dice = region_dice(pred, target.bool()).float()  # (B, 3), BraTS empty rules
-        batch_size = image.shape[0]
-        metrics = {"val/loss": loss, "val/dice_mean": dice.mean()}
+        metrics = {"loss": torch.stack(losses).mean(), "dice_mean": dice.mean()}
         for c, region in enumerate(REGIONS):
-            metrics[f"val/dice_{region.lower()}"] = dice[:, c].mean()
+            metrics[f"dice_{region.lower()}"] = dice[:, c].mean()
         if extra:
             for region in REGIONS:
                 key = f"hd95_{region.lower()}"
-                metrics[f"val/{key}"] = torch.tensor(sum(m[key] for m in extra) / len(extra))
-        self.log_dict(metrics, on_step=False, on_epoch=True, batch_size=batch_size, sync_dist=True)
-        return {"loss": loss, "pred_regions": pred, "case_id": list(batch["case_id"])}
+                metrics[key] = torch.tensor(sum(m[key] for m in extra) / len(extra))
+        return metrics, pred
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        """Whole-brain prediction, unpadded, scored per case (:meth:`score_batch`); logs ``val/<metric>``.
+
+        Returns:
+            ``{"loss": mean Dice loss of the batch, "pred_regions": bool (B, 3, X, Y, Z) unpadded,
+            "case_id": [...]}`` for callbacks (CONTRACTS.md).
+        """
+        metrics, pred = self.score_batch(batch)
+        self.log_dict({f"val/{k}": v for k, v in metrics.items()}, on_step=False, on_epoch=True,
+                      batch_size=batch["image"].shape[0], sync_dist=True)
+        return {"loss": metrics["loss"], "pred_regions": pred, "case_id": list(batch["case_id"])}
 
     def configure_optimizers(self) -> dict[str, Any]:
         """Optimizer and per-epoch schedule from ``pipeline.optimizer`` / ``pipeline.scheduler``."""
