@@ -1,0 +1,147 @@
+"""Small shared helpers for the benchmark scripts in this folder.
+
+Run benchmarks from the repository root as modules, e.g. ``python -m benchmarks.train_step``; then
+
+    from benchmarks.common import describe_device, record
+
+    info = describe_device("cpu")          # what ran it: device name, threads, torch / CUDA versions
+    record("my_bench", info, args, columns, rows)   # JSON in benchmarks/results/ + a table in RESULTS.md
+
+``record`` is ``save_json`` + ``append_markdown``; use those directly for other layouts. JSON files are
+ignored by git (one per run, for analysis); RESULTS.md is committed (the human-readable history).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+BENCH_DIR = Path(__file__).resolve().parent
+RESULTS_DIR = BENCH_DIR / "results"
+RESULTS_MD = BENCH_DIR / "RESULTS.md"
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def describe_device(device: str | torch.device) -> dict[str, Any]:
+    """What a benchmark ran on: device kind and name, CPU threads, torch / CUDA / Python versions.
+
+    Args:
+        device: the torch device the benchmark uses ("cpu", "cuda", "cuda:1", ...).
+
+    Returns:
+        A JSON-serializable dict; ``label`` is a short human-readable summary for tables.
+    """
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "device": str(device),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "cpu": _cpu_name(),
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        # Other processes compete for the CPU: a load above the core count makes CPU timings pessimistic.
+        "load_avg_1m": round(os.getloadavg()[0], 2) if hasattr(os, "getloadavg") else None,
+    }
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        info.update(
+            gpu=props.name,
+            gpu_memory_gib=round(props.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+            cudnn=torch.backends.cudnn.version(),
+        )
+        info["label"] = f"{props.name}, torch {torch.__version__}, CUDA {torch.version.cuda}"
+    else:
+        try:
+            bf16 = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            bf16 = False
+        info["cpu_bf16"] = bf16
+        info["label"] = (
+            f"CPU {info['cpu']} ({info['torch_threads']} threads, load {info['load_avg_1m']}), "
+            f"torch {torch.__version__}"
+        )
+    return info
+
+
+def _stamp() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H-%M-%SZ")
+
+
+def save_json(name: str, payload: dict[str, Any]) -> Path:
+    """Write ``payload`` to ``benchmarks/results/<name>-<UTC time>.json`` and return the path."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    path = RESULTS_DIR / f"{name}-{_stamp()}.json"
+    path.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    return path
+
+
+def append_markdown(
+    title: str, columns: Sequence[str], rows: Sequence[Sequence[Any]], note: str = ""
+) -> Path:
+    """Append a ``### title`` section with ``note`` and a Markdown table to ``benchmarks/RESULTS.md``.
+
+    The file is created with a short header when missing; earlier sections are never rewritten.
+    """
+    if not RESULTS_MD.exists():
+        RESULTS_MD.write_text(
+            "# Benchmark results\n\nAppended by the scripts in `benchmarks/` (newest last); raw JSON in "
+            "`benchmarks/results/` (not committed).\n"
+        )
+    lines = ["", f"### {title}", ""]
+    if note:
+        lines += [note, ""]
+    lines.append("| " + " | ".join(columns) + " |")
+    lines.append("|" + "---|" * len(columns))
+    for row in rows:
+        lines.append("| " + " | ".join("" if v is None else str(v) for v in row) + " |")
+    with RESULTS_MD.open("a") as f:
+        f.write("\n".join(lines) + "\n")
+    return RESULTS_MD
+
+
+def record(
+    name: str,
+    info: dict[str, Any],
+    args: dict[str, Any],
+    columns: Sequence[str],
+    rows: Sequence[Sequence[Any]],
+) -> tuple[Path, Path]:
+    """Save one benchmark run as JSON and append it to RESULTS.md under ``name``, the time and the device.
+
+    Args:
+        name: benchmark name (file stem of the script), used in the JSON file name and the heading.
+        info: :func:`describe_device` output.
+        args: the run's settings (e.g. ``vars(argparse_namespace)``).
+        columns: table column names.
+        rows: table rows, one value per column.
+
+    Returns:
+        (JSON path, RESULTS.md path).
+    """
+    command = "python -m benchmarks." + name + " " + shlex.join(sys.argv[1:])
+    payload = {"benchmark": name, "time_utc": _stamp(), "command": command.strip(), "device": info,
+               "args": args, "columns": list(columns), "rows": [list(r) for r in rows]}
+    json_path = save_json(name, payload)
+    title = f"{name}: {payload['time_utc']}, {info['label']}"
+    md_path = append_markdown(title, columns, rows, note=f"`{command.strip()}`")
+    return json_path, md_path
