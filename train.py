@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,10 @@ import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
 log = logging.getLogger("brats_lightning.train")
+
+# Lightning notices that both the module and the data module could define on_after_batch_transfer; only the
+# module does (batch augmentation on the device), which is what Lightning uses.
+warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer`")
 
 # WANDB_MODE as the user set it when the process started (WandbLogger(offline=True) overwrites the variable).
 _USER_WANDB_MODE = os.environ.get("WANDB_MODE")
@@ -75,6 +80,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from brats_lightning.precision import resolve_precision
     from brats_lightning.runs import callback_records, merge_records, write_run_record
 
+    env_mode = os.environ.get("WANDB_MODE")  # restored at the end (WandbLogger(offline=True) changes it)
     run_dir = Path(cfg.paths.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
     pl.seed_everything(int(cfg.seed), workers=True)
@@ -104,7 +110,6 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         ckpt_path = str(last_path)
         log.info("resuming from %s", last_path)
 
-    env_mode = os.environ.get("WANDB_MODE")
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
         best_path = Path(best_cb.best_model_path) if best_cb is not None and best_cb.best_model_path else None
