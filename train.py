@@ -28,6 +28,11 @@ log = logging.getLogger("brats_lightning.train")
 # Lightning notices that both the module and the data module could define on_after_batch_transfer; only the
 # module does (batch augmentation on the device), which is what Lightning uses.
 warnings.filterwarnings("ignore", message=r"You have overridden `on_after_batch_transfer`")
+# conf/hydra/launcher/{joblib,submitit_slurm,submitit_local}.yaml carry the launcher plugins' own names (so
+# `hydra/launcher=submitit_slurm` picks them) and every key of the plugins' schemas; Hydra 1.3 still merges
+# them with those schemas and warns that it may stop doing so, which changes nothing for complete files.
+warnings.filterwarnings("ignore",
+                        message=r"\s*'hydra/launcher/(joblib|submitit_slurm|submitit_local)' is validated")
 
 # WANDB_MODE as the user set it when the process started (WandbLogger(offline=True) overwrites the variable).
 _USER_WANDB_MODE = os.environ.get("WANDB_MODE")
@@ -42,7 +47,12 @@ def _instantiate_all(node: DictConfig | None) -> dict[str, Any]:
 
 
 def build_loggers(cfg: DictConfig, run_dir: Path) -> tuple[list[Any], str | None]:
-    """Loggers from ``cfg.logger``; W&B gets the run folder's persisted id. Returns (loggers, W&B id)."""
+    """Loggers from ``cfg.logger``; W&B gets the run folder's persisted id. Returns (loggers, W&B id).
+
+    Only global rank 0 creates or reads the id (the other ranks' WandbLogger never starts a W&B run: its
+    ``experiment`` is rank-zero only), so ranks can't race on ``wandb_id.txt``.
+    """
+    from brats_lightning.distributed import env_rank_is_zero
     from brats_lightning.runs import wandb_run_id
 
     loggers, run_id = [], None
@@ -50,7 +60,7 @@ def build_loggers(cfg: DictConfig, run_dir: Path) -> tuple[list[Any], str | None
         if entry is None or "_target_" not in entry:
             continue
         if entry["_target_"].endswith("WandbLogger"):
-            run_id = wandb_run_id(run_dir)
+            run_id = wandb_run_id(run_dir) if env_rank_is_zero() else None
             offline = bool(entry.get("offline", True)) and _USER_WANDB_MODE is None
             loggers.append(hydra.utils.instantiate(entry, id=run_id, offline=offline))
         else:
@@ -76,6 +86,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from brats_lightning.checkpointing import AtomicCheckpointIO
     from brats_lightning.data.datamodule import BratsDataModule
     from brats_lightning.data.layout import MODALITIES
+    from brats_lightning.distributed import check_launch, cluster_plugins, hpc_checkpoints, resume_checkpoint
     from brats_lightning.module import BratsModule
     from brats_lightning.precision import resolve_precision
     from brats_lightning.runs import callback_records, merge_records, write_run_record
@@ -97,7 +108,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                     crop if isinstance(crop, int) else list(crop))
     trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if v is not None}
     trainer = pl.Trainer(**trainer_kwargs, callbacks=list(callbacks.values()), logger=loggers or False,
-                         plugins=[AtomicCheckpointIO()], default_root_dir=str(run_dir))
+                         plugins=[AtomicCheckpointIO(), *cluster_plugins()], default_root_dir=str(run_dir))
+    check_launch(trainer)  # refuses Hydra multirun + Lightning-spawned DDP ranks (docs/cluster.md)
     resolved = OmegaConf.to_container(cfg, resolve=True)
     for logger in loggers:
         logger.log_hyperparams(resolved)
@@ -106,9 +118,11 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     checkpoint_dir = Path(last_cb.dirpath) if last_cb is not None else run_dir / "checkpoints"
     last_path = checkpoint_dir / "last.ckpt"
     ckpt_path = None
-    if cfg.get("resume", True) and last_path.is_file():
-        ckpt_path = str(last_path)
-        log.info("resuming from %s", last_path)
+    if cfg.get("resume", True):  # last.ckpt, or the hpc_ckpt_<n>.ckpt saved at SLURM's signal if newer
+        resume_from = resume_checkpoint(last_path, run_dir)
+        if resume_from is not None:
+            ckpt_path = str(resume_from)
+            log.info("resuming from %s", resume_from)
 
     try:
         trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
@@ -143,8 +157,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             **datamodule.record(),
         }
         record = merge_records(record, callback_records(trainer.callbacks))
-        path = write_run_record(run_dir, record)
-        log.info("run.json written: %s (val %s)", path, {k: round(v, 4) for k, v in val_metrics.items()})
+        if trainer.is_global_zero:  # every rank computed the record; one writes it
+            path = write_run_record(run_dir, record)
+            log.info("run.json written: %s (val %s)", path, {k: round(v, 4) for k, v in val_metrics.items()})
+            for old in hpc_checkpoints(run_dir):  # requeue checkpoints, superseded by last.ckpt
+                old.unlink()
+                log.info("removed %s (the run finished; checkpoints/last.ckpt is newer)", old)
         return record
     finally:
         for logger in loggers:
