@@ -43,6 +43,7 @@ from brats_lightning.data.preprocess import (
     random_crop,
 )
 from brats_lightning.data.splits import fold_case_ids, load_or_create_splits
+from brats_lightning.distributed import file_lock
 
 log = logging.getLogger(__name__)
 
@@ -247,6 +248,7 @@ class BratsDataModule(pl.LightningDataModule):
         self.val_cases: list[Case] = []
         self.label_convention: str | None = None
         self.cache = CaseCache(self.cache_dir, normalization)
+        self._checked = False
 
     @classmethod
     def from_config(cls, cfg: Any) -> BratsDataModule:
@@ -267,9 +269,28 @@ class BratsDataModule(pl.LightningDataModule):
         )
 
     def prepare_data(self) -> None:
-        """Generate the synthetic data set if configured and missing (rank 0 only)."""
+        """Generate the synthetic data set if configured and missing, check it and cache every case.
+
+        Lightning calls this on local rank 0 only while the other ranks wait (``_InfiniteBarrier``,
+        trainer/connectors/data_connector.py), so one process per node builds the cache; the file lock of
+        :meth:`_build_cache` makes jobs of a sweep that start together build it once.
+        """
         if self.generate is not None:
             generate_if_missing(self.root, self.generate)
+        if self.root.exists():
+            self._check_once()
+            self._build_cache(find_cases(self.root, require_labels=True))
+
+    def _build_cache(self, cases: Sequence[Case]) -> dict[str, int]:
+        """``self.cache.build(cases)`` holding ``<cache>/<normalization>/<root hash>/.build.lock``."""
+        lock = self.cache.entry_dir(cases[0]).parent / ".build.lock"
+        with file_lock(lock, f"cache {lock.parent}"):
+            return self.cache.build(cases, workers=max(1, self.num_workers))
+
+    def _check_once(self) -> None:
+        if self.check and not self._checked:
+            self._check()
+            self._checked = True
 
     def _check(self) -> None:
         from brats_lightning.data.checks import check_dataset
@@ -292,8 +313,7 @@ class BratsDataModule(pl.LightningDataModule):
                     else "prepare_data() generates it; call it first")
             raise FileNotFoundError(f"data folder {self.root} does not exist; {hint} or point data.root to "
                                     "a BraTS training folder")
-        if self.check:
-            self._check()
+        self._check_once()
         cases = find_cases(self.root, require_labels=True)
         conventions = sorted({c.convention.name for c in cases})
         if len(conventions) > 1:
@@ -314,7 +334,7 @@ class BratsDataModule(pl.LightningDataModule):
         if not self.train_cases or not self.val_cases:
             raise ValueError(f"fold {self.fold} of {self.split_file} has {len(self.train_cases)} training "
                              f"and {len(self.val_cases)} validation cases; expected at least one of each")
-        summary = self.cache.build(self.train_cases + self.val_cases, workers=max(1, self.num_workers))
+        summary = self._build_cache(self.train_cases + self.val_cases)
         excluded = sorted(set(self.exclude) & (set(by_id) - set(val_ids)))
         log.info("fold %d: %d training cases (%d excluded), %d validation cases; cache %s: %s", self.fold,
                  len(self.train_cases), len(excluded), len(self.val_cases), self.cache_dir, summary)
@@ -330,7 +350,14 @@ class BratsDataModule(pl.LightningDataModule):
         return self._loader(dataset, self.batch_size, shuffle=True)
 
     def val_dataloader(self) -> DataLoader:
-        """Whole padded brain boxes of the validation cases, one per batch."""
+        """Whole padded brain boxes of the validation cases, one per batch.
+
+        Under DDP, Lightning's DistributedSampler gives every rank the same number of cases, repeating up to
+        ``world_size - 1`` of them, so the synced validation means can count a case twice (docs/cluster.md).
+        Equal counts are needed: Lightning averages the summed values and the integer batch counts across
+        ranks, and with gloo the averaged count is truncated to an integer (lightning_fabric
+        utilities/distributed.py ``_sync_ddp``).
+        """
         return self._loader(WholeBrainDataset(self.cache, self.val_cases), 1, shuffle=False)
 
     def record(self) -> dict[str, Any]:
