@@ -8,6 +8,7 @@ anyone typing checkpoint paths. Reading it belongs to :mod:`brats_lightning.infe
 from __future__ import annotations
 
 import copy
+import csv
 import json
 import logging
 import os
@@ -84,14 +85,34 @@ def wandb_run_id(run_dir: str | Path) -> str:
 
 
 class _AppendingWriter(ExperimentWriter):
-    """Lightning's CSV writer that keeps (appends to) an existing ``metrics.csv`` instead of deleting it."""
+    """Lightning's CSV writer that keeps (appends to) an existing ``metrics.csv`` instead of deleting it.
+
+    A job killed while appending leaves a partial last row: it is cut off when the job resumes. A header
+    change (a new metric) rewrites the file through a temporary file renamed into place (Lightning rewrites
+    it in place, so a kill then could truncate the whole history).
+    """
 
     def _check_log_dir_exists(self) -> None:
         path = Path(self.metrics_file_path)
         if path.is_file():
+            data = path.read_bytes()
+            if data and not data.endswith(b"\n"):
+                keep = data[: data.rfind(b"\n") + 1]
+                with atomic_path(path) as tmp:
+                    tmp.write_bytes(keep)
+                log.warning("%s: dropped a partial last row (%d bytes) left by an interrupted write", path,
+                            len(data) - len(keep))
             with open(path, newline="") as f:
                 header = f.readline().strip()
             self.metrics_keys = sorted(k for k in header.split(",") if k)
+
+    def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
+        with open(self.metrics_file_path, newline="") as f:
+            metrics = list(csv.DictReader(f))
+        with atomic_path(self.metrics_file_path) as tmp, open(tmp, "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=fieldnames)
+            writer.writeheader()
+            writer.writerows(metrics)
 
 
 class ResumableCSVLogger(CSVLogger):
