@@ -23,7 +23,10 @@ import hydra
 import pytorch_lightning as pl
 from omegaconf import DictConfig, OmegaConf
 
+from brats_lightning.callbacks.fast_swa import register_resolvers
+
 log = logging.getLogger("brats_lightning.train")
+register_resolvers()  # ${fast_swa_epochs:...} in conf/callbacks/fast_swa.yaml (trainer.max_epochs)
 
 # Lightning notices that both the module and the data module could define on_after_batch_transfer; only the
 # module does (batch augmentation on the device), which is what Lightning uses.
@@ -83,10 +86,20 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     Returns:
         The run record written to ``run.json``.
     """
-    from brats_lightning.checkpointing import AtomicCheckpointIO
+    from brats_lightning.checkpointing import (
+        AtomicCheckpointIO,
+        RandomStateCheckpoint,
+        remove_stale_temp_files,
+    )
     from brats_lightning.data.datamodule import BratsDataModule
     from brats_lightning.data.layout import MODALITIES
-    from brats_lightning.distributed import check_launch, cluster_plugins, hpc_checkpoints, resume_checkpoint
+    from brats_lightning.distributed import (
+        check_launch,
+        cluster_plugins,
+        env_rank_is_zero,
+        hpc_checkpoints,
+        resume_checkpoint,
+    )
     from brats_lightning.module import BratsModule
     from brats_lightning.precision import resolve_precision
     from brats_lightning.runs import callback_records, merge_records, write_run_record
@@ -94,6 +107,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     env_mode = os.environ.get("WANDB_MODE")  # restored at the end (WandbLogger(offline=True) changes it)
     run_dir = Path(cfg.paths.run_dir).resolve()
     run_dir.mkdir(parents=True, exist_ok=True)
+    if env_rank_is_zero():  # temporary files of writes cut short by a killed job (atomic_path)
+        remove_stale_temp_files(run_dir)
     pl.seed_everything(int(cfg.seed), workers=True)
 
     datamodule = BratsDataModule.from_config(cfg)
@@ -107,7 +122,9 @@ def train(cfg: DictConfig) -> dict[str, Any]:
                                                     trainer_kwargs.get("accelerator", "auto"),
                                                     crop if isinstance(crop, int) else list(crop))
     trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if v is not None}
-    trainer = pl.Trainer(**trainer_kwargs, callbacks=list(callbacks.values()), logger=loggers or False,
+    # RandomStateCheckpoint: RNG states in every checkpoint, so resumed runs draw as uninterrupted ones do
+    trainer = pl.Trainer(**trainer_kwargs, callbacks=[*callbacks.values(), RandomStateCheckpoint()],
+                         logger=loggers or False,
                          plugins=[AtomicCheckpointIO(), *cluster_plugins()], default_root_dir=str(run_dir))
     check_launch(trainer)  # refuses Hydra multirun + Lightning-spawned DDP ranks (docs/cluster.md)
     resolved = OmegaConf.to_container(cfg, resolve=True)
