@@ -285,7 +285,11 @@ class BratsDataModule(pl.LightningDataModule):
         """``self.cache.build(cases)`` holding ``<cache>/<normalization>/<root hash>/.build.lock``."""
         lock = self.cache.entry_dir(cases[0]).parent / ".build.lock"
         with file_lock(lock, f"cache {lock.parent}"):
-            return self.cache.build(cases, workers=max(1, self.num_workers))
+            summary = self.cache.build(cases, workers=max(1, self.num_workers))
+        if summary["built"]:
+            log.info("cache %s: built %d entries, reused %d", lock.parent, summary["built"],
+                     summary["reused"])
+        return summary
 
     def _check_once(self) -> None:
         if self.check and not self._checked:
