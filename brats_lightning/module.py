@@ -9,6 +9,7 @@ the Dice loss denominator (A squared, B plain), the batch augmentation probabili
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping
 from typing import Any
 
@@ -23,6 +24,16 @@ from brats_lightning.data.preprocess import Box
 from brats_lightning.losses import DeepSupervisionLoss, DiceLoss
 from brats_lightning.metrics import case_metrics, region_dice
 from brats_lightning.optim import build_optimizer, build_scheduler
+from brats_lightning.speed import (
+    CompiledNet,
+    SpeedConfig,
+    SpeedPlan,
+    convert_input,
+    convert_module,
+    resolve_speed,
+)
+
+log = logging.getLogger(__name__)
 
 
 def _plain(cfg: Mapping[str, Any] | DictConfig | None) -> dict[str, Any]:
@@ -52,6 +63,9 @@ class BratsModule(pl.LightningModule):
             ``optimizer`` (:func:`~brats_lightning.optim.build_optimizer`), ``scheduler``
             (:func:`~brats_lightning.optim.build_scheduler`).
         validation: ``{"hd95": bool}`` (HD95 per validation case; slower).
+        speed: the ``speed`` config (conf/speed/default.yaml: memory format, torch.compile), resolved for the
+            trainer's device and precision in :meth:`configure_model` (:mod:`brats_lightning.speed`); None:
+            everything ``auto``. Without a trainer (or before ``configure_model``) the plain path runs.
     """
 
     def __init__(
@@ -59,11 +73,14 @@ class BratsModule(pl.LightningModule):
         model_config: Mapping[str, Any],
         pipeline: Mapping[str, Any],
         validation: Mapping[str, Any] | None = None,
+        speed: Mapping[str, Any] | None = None,
     ) -> None:
         super().__init__()
         model_config, pipeline, validation = _plain(model_config), _plain(pipeline), _plain(validation)
+        speed = _plain(speed)
+        self.speed_config = SpeedConfig.from_mapping(speed)
         self.save_hyperparameters(
-            {"model_config": model_config, "pipeline": pipeline, "validation": validation})
+            {"model_config": model_config, "pipeline": pipeline, "validation": validation, "speed": speed})
         self.net = hydra.utils.instantiate(model_config)
         self.loss = DeepSupervisionLoss(DiceLoss(squared=bool(pipeline["loss"]["squared"])))
         augment = pipeline.get("augment")
@@ -72,15 +89,50 @@ class BratsModule(pl.LightningModule):
         else:
             self.augment = BatchAugment(**augment) if augment else None
         self.hd95 = bool(validation.get("hd95", False))
+        self.speed_plan: SpeedPlan | None = None
+        self._compiled: CompiledNet | None = None  # a plain object, not a submodule: keys stay net.*
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> BratsModule:
         """Build from the full training config (``cfg.model``, ``cfg.pipeline``, ``cfg.validation``)."""
-        return cls(cfg.model, cfg.pipeline, cfg.get("validation"))
+        return cls(cfg.model, cfg.pipeline, cfg.get("validation"), cfg.get("speed"))
+
+    def configure_model(self) -> None:
+        """Apply the speed plan for the trainer's device and precision (before optimizers exist)."""
+        trainer = self._trainer
+        if trainer is not None:
+            self.apply_speed(trainer.strategy.root_device.type, str(trainer.precision))
+
+    def apply_speed(self, device_type: str, precision: str) -> SpeedPlan:
+        """Resolve ``speed`` for ``device_type`` / ``precision`` and apply it: the network's memory format
+        and, when ``compile`` is on, a compiled view of it for training steps (:mod:`brats_lightning.speed`).
+        Idempotent for the same device and precision; logs the plan once.
+        """
+        plan = self.speed_plan
+        if plan is not None and (plan.device_type, plan.precision) == (device_type, precision):
+            return plan
+        plan = resolve_speed(self.speed_config, device_type, precision)
+        convert_module(self.net, plan)
+        if plan.compile:
+            existing = self._compiled
+            if existing is None or existing.get(self.net) is None or existing.mode != plan.compile_mode:
+                self._compiled = CompiledNet(self.net, plan.compile_mode, plan.compile_dynamic)
+        else:
+            self._compiled = None
+        self.speed_plan = plan
+        log.info("speed: %s", plan.describe())
+        return plan
+
+    def run_net(self, image: torch.Tensor, compiled: bool = False) -> Any:
+        """The network on ``image`` in the speed plan's memory format; ``compiled`` uses the compiled view
+        when there is one (training steps: fixed crop shapes), else the eager network."""
+        image = convert_input(image, self.speed_plan)
+        fn = self._compiled.get(self.net) if compiled and self._compiled is not None else None
+        return (fn or self.net)(image)
 
     def forward(self, image: torch.Tensor) -> Any:
         """The network's output: logits, or ``(logits, [deep logits])`` in training mode."""
-        return self.net(image)
+        return self.run_net(image)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
         """Per-sample augmentation on the device, training batches only (SPEC.md "Augmentation")."""
@@ -97,7 +149,7 @@ class BratsModule(pl.LightningModule):
             losses serve patient filtering (SPEC.md "Training").
         """
         image, target = batch["image"], batch["target"]
-        output = self.net(image)
+        output = self.run_net(image, compiled=True)
         loss = self.loss(output, target)
         logits = output[0] if isinstance(output, (tuple, list)) else output
         with torch.no_grad():
@@ -118,7 +170,7 @@ class BratsModule(pl.LightningModule):
             bool (B, 3, X, Y, Z) unpadded.
         """
         image, target, boxes = batch["image"], batch["target"], batch["box"]
-        logits = self.net(image)
+        logits = self.run_net(image)
         if isinstance(logits, (tuple, list)):  # a network left in training mode by a callback
             logits = logits[0]
         losses, preds, extra = [], [], []
