@@ -87,6 +87,22 @@ def read_exclusions(exclude: str | os.PathLike | Sequence[str] | None) -> list[s
     return [str(c) for c in exclude]
 
 
+def exclusion_source(exclude: str | os.PathLike | Sequence[str] | None) -> dict[str, Any] | None:
+    """Where an exclusion list came from, for run.json: None for an inline list; for a file
+    ``{"file": absolute path, "rule": ..., "runs": [...]}`` with the rule and source runs that
+    `brats-lightning flag-cases` recorded (in the JSON itself, or in ``<file>.meta.json`` beside a text list).
+    """
+    if not isinstance(exclude, (str, os.PathLike)):
+        return None
+    import json
+
+    path = Path(exclude).resolve()
+    meta_path = path if path.suffix == ".json" else path.with_name(path.name + ".meta.json")
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    meta = meta if isinstance(meta, Mapping) else {}
+    return {"file": str(path), **{k: meta[k] for k in ("rule", "runs") if k in meta}}
+
+
 class _CachedCases:
     """Memory-mapped cache entries opened once per process (DataLoader worker)."""
 
@@ -237,6 +253,7 @@ class BratsDataModule(pl.LightningDataModule):
         self.split_seed = int(split_seed)
         self.split_file = None if split_file is None else Path(split_file).resolve()
         self.exclude = read_exclusions(exclude)
+        self.exclude_source = exclusion_source(exclude)
         self.crop_size = crop_size
         self.foreground_prob = float(foreground_prob)
         self.num_workers = int(num_workers)
@@ -365,8 +382,10 @@ class BratsDataModule(pl.LightningDataModule):
         return self._loader(WholeBrainDataset(self.cache, self.val_cases), 1, shuffle=False)
 
     def record(self) -> dict[str, Any]:
-        """The data part of run.json: data name/root, split file, validation cases, exclusions, convention."""
+        """The data part of run.json: data name/root, split file, validation cases, exclusions (ids, and the
+        file and flag-cases rule they came from), label convention."""
         return {"data": {"name": self.name, "root": str(self.root)},
                 "split_file": None if self.split_file is None else str(self.split_file),
                 "val_cases": [c.case_id for c in self.val_cases], "exclude": list(self.exclude),
+                "exclude_source": self.exclude_source,
                 "label_convention": self.label_convention}
