@@ -312,6 +312,43 @@ def test_ddp_two_processes_write_everything_once(synthetic_root, synthetic_cases
     assert state["global_step"] == run["global_step"] == 4  # 2 epochs x 2 steps (limit_train_batches=2)
 
 
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.slow
+def test_ddp_under_srun_takes_ranks_from_slurm(synthetic_root, tmp_path):
+    """What `srun --ntasks-per-node=2 python train.py trainer=ddp` starts: two tasks with SLURM's variables;
+    trainer=ddp takes devices from SLURM_NTASKS_PER_NODE and Lightning re-launches nothing."""
+    base = {**_no_cluster_env(), **SLURM_ENV, "SLURM_NTASKS": "2", "SLURM_NTASKS_PER_NODE": "2",
+            "SLURM_JOB_ID": "4243", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()),
+            "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    args = [sys.executable, str(REPO / "train.py"), "trainer=ddp", "trainer.accelerator=cpu", "logger=csv",
+            *_smoke(synthetic_root, tmp_path)]
+    logs = [tmp_path / f"task{r}.log" for r in (0, 1)]
+    procs = []
+    for rank, log in enumerate(logs):  # output to files: a full pipe could stall a rank inside a collective
+        env = {**base, "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank)}
+        with open(log, "w") as out:
+            procs.append(subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT))
+    for proc in procs:
+        proc.wait(timeout=300)
+    outputs = [log.read_text() for log in logs]
+    assert [proc.returncode for proc in procs] == [0, 0], outputs[0][-3000:] + outputs[1][-3000:]
+    both = "".join(outputs)
+    assert "GLOBAL_RANK: 0, MEMBER: 1/2" in outputs[0] and "GLOBAL_RANK: 1, MEMBER: 2/2" in outputs[1]
+    assert both.count("run.json written") == 1 and "run.json written" in outputs[0]
+    run_dir = tmp_path / RUN / "fold0"
+    assert not (run_dir / "train_ddp_process_1.log").exists()  # SLURM started the ranks, not Lightning
+    assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.ckpt", "last.ckpt"]
+    run = json.loads((run_dir / "run.json").read_text())
+    assert (run["epochs_trained"], run["global_step"]) == (2, 4)
+
+
 @pytest.mark.slow
 def test_multirun_with_ddp_is_refused_before_any_rank_starts(synthetic_root, tmp_path):
     result = _train(["-m", "fold=0", "trainer=ddp", "trainer.accelerator=cpu", "trainer.devices=2",
