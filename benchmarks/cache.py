@@ -13,7 +13,8 @@ Both paths get the same generator seed per repeat and must give identical crops.
 building the entry is reported too. Files are in the OS page cache after the first repeat in both paths,
 as during training.
 
-Usage (from the repository root): ``python -m benchmarks.cache [--repeats 7] [--no-record]``.
+Usage (from the repository root): ``python -m benchmarks.cache [--repeats 7] [--spacing 1] [--size 128]
+[--no-record]`` (``--spacing 4 --size 32`` takes seconds: tests).
 """
 
 from __future__ import annotations
@@ -27,10 +28,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 
-from benchmarks.common import describe_device, record
+from benchmarks.common import describe_device, finish
 from brats_lightning.data.io import load_case
 from brats_lightning.data.layout import find_cases
 from brats_lightning.data.normalize import get_normalization
@@ -49,18 +48,25 @@ def _time(fn: Callable[[int], tuple[np.ndarray, np.ndarray]], repeats: int) -> t
     return times, outputs
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--repeats", type=int, default=7, help="samples timed per variant (default 7)")
     parser.add_argument("--size", type=int, default=128, help="crop side (default 128, the paper's)")
     parser.add_argument("--normalization", default="minmax", choices=["minmax", "zscore"])
     parser.add_argument("--seed", type=int, default=0, help="synthetic data set seed")
+    parser.add_argument("--spacing", type=float, default=1.0,
+                        help="synthetic voxel size in mm (default 1: BraTS's 240x240x155 grid)")
     parser.add_argument("--no-record", action="store_true", help="don't write JSON / RESULTS.md")
     args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else None
+    return args
 
+
+def run(args: argparse.Namespace) -> list[dict[str, object]]:
+    """Time raw vs cached training samples; print and record the table; return its rows."""
     with tempfile.TemporaryDirectory(prefix="bench-cache-") as tmp:
         root = Path(tmp) / "data"
-        write_case(root, 1, seed=args.seed, spacing=1.0, year=2020)
+        write_case(root, 1, seed=args.seed, spacing=args.spacing, year=2020)
         (case,) = find_cases(root, require_labels=True)
         norm = get_normalization(args.normalization)
 
@@ -90,25 +96,24 @@ def main(argv: list[str] | None = None) -> int:
         cache_mb = sum(p.stat().st_size for p in cache.entry_dir(case).iterdir()) / 1e6
 
     raw_med, cache_med = statistics.median(raw_times) * 1000, statistics.median(cache_times) * 1000
-    description = (f"240x240x155 int16, box {box}, {args.size}^3 crop, {args.normalization}; "
+    grid = "x".join(map(str, pre.original_shape))
+    description = (f"{grid} int16, box {box}, {args.size}^3 crop, {args.normalization}; "
                    f"{sizes_mb:.1f} MB .nii.gz -> {cache_mb:.1f} MB .npy; load avg {os.getloadavg()[0]:.1f}")
     rows = [
-        ["raw .nii.gz: load + normalize + crop", description, f"{raw_med:.1f}",
-         f"{min(raw_times) * 1000:.1f}", "1.0x"],
-        ["cache: memmap .npy + crop", description, f"{cache_med:.2f}", f"{min(cache_times) * 1000:.2f}",
-         f"{raw_med / cache_med:.0f}x"],
-        ["cache build (once per case)", description, f"{build_ms:.0f}", "-", "-"],
+        {"variant": "raw .nii.gz: load + normalize + crop", "case": description,
+         "median ms": round(raw_med, 1), "min ms": round(min(raw_times) * 1000, 1),
+         "speed-up vs raw": "1.0x"},
+        {"variant": "cache: memmap .npy + crop", "case": description, "median ms": round(cache_med, 2),
+         "min ms": round(min(cache_times) * 1000, 2), "speed-up vs raw": f"{raw_med / cache_med:.0f}x"},
+        {"variant": "cache build (once per case)", "case": description, "median ms": round(build_ms),
+         "min ms": "-", "speed-up vs raw": "-"},
     ]
-    table = Table(title="one training sample")
-    for column in COLUMNS:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
-    if not args.no_record:
-        info = describe_device("cpu")
-        json_path, md_path = record("cache", info, vars(args), COLUMNS, rows)
-        Console().print(f"recorded {json_path} and {md_path}")
+    finish("cache", describe_device("cpu"), vars(args), COLUMNS, rows, "one training sample", args.no_record)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
     return 0
 
 

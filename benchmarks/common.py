@@ -9,6 +9,8 @@ Run benchmarks from the repository root as modules, e.g. ``python -m benchmarks.
 
 ``record`` is ``save_json`` + ``append_markdown``; use those directly for other layouts. JSON files are
 ignored by git (one per run, for analysis); RESULTS.md is committed (the human-readable history).
+``finish`` prints a rich table of dict rows and records them; ``sync`` waits for the GPU before a clock read;
+``pipeline_config`` loads conf/pipeline/{A,B}.yaml as a plain dict for ``BratsModule``.
 """
 
 from __future__ import annotations
@@ -19,13 +21,16 @@ import os
 import platform
 import shlex
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
 BENCH_DIR = Path(__file__).resolve().parent
+REPO_DIR = BENCH_DIR.parent
 RESULTS_DIR = BENCH_DIR / "results"
 RESULTS_MD = BENCH_DIR / "RESULTS.md"
 
@@ -138,10 +143,83 @@ def record(
     Returns:
         (JSON path, RESULTS.md path).
     """
-    command = "python -m benchmarks." + name + " " + shlex.join(sys.argv[1:])
+    command = "python -m benchmarks." + name + " " + shlex.join(args.get("argv") or sys.argv[1:])
     payload = {"benchmark": name, "time_utc": _stamp(), "command": command.strip(), "device": info,
                "args": args, "columns": list(columns), "rows": [list(r) for r in rows]}
     json_path = save_json(name, payload)
     title = f"{name}: {payload['time_utc']}, {info['label']}"
     md_path = append_markdown(title, columns, rows, note=f"`{command.strip()}`")
     return json_path, md_path
+
+
+def sync(device: torch.device | str) -> None:
+    """Wait for queued CUDA work (a no-op on the CPU), so that a clock read after it is meaningful."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def check_device(device: str) -> torch.device:
+    """``device`` as a torch.device; a clear error when CUDA is asked for but absent."""
+    resolved = torch.device(device)
+    if resolved.type not in ("cpu", "cuda"):
+        raise SystemExit(f"benchmarks: --device {device} is not supported; use cpu or cuda[:N]")
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"benchmarks: --device {device} asked but torch.cuda.is_available() is False; "
+                         "use --device cpu (or run on a GPU machine)")
+    return resolved
+
+
+def csv_list(value: str | Sequence[Any], allowed: Sequence[str] | None = None, what: str = "value",
+             cast: type = str) -> list[Any]:
+    """A comma list (``"a,b"``) or a sequence as a list of ``cast`` values, checked against ``allowed``."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    items = [cast(v) for v in items]
+    if allowed is not None:
+        bad = [v for v in items if v not in allowed]
+        if bad:
+            raise SystemExit(f"benchmarks: unknown {what} {bad}; expected a comma list of {list(allowed)}")
+    return items
+
+
+def pipeline_config(name: str = "A", epochs: int = 1) -> dict[str, Any]:
+    """conf/pipeline/<name>.yaml as a resolved plain dict (``pipeline.epochs`` set to ``epochs``)."""
+    from omegaconf import OmegaConf
+
+    path = REPO_DIR / "conf" / "pipeline" / f"{name}.yaml"
+    if not path.is_file():
+        raise SystemExit(f"benchmarks: pipeline {name!r}: {path} not found; expected A or B")
+    cfg = OmegaConf.create({"pipeline": OmegaConf.load(path)})
+    cfg.pipeline.epochs = epochs
+    return OmegaConf.to_container(cfg, resolve=True)["pipeline"]  # type: ignore[index]
+
+
+def console() -> Console:
+    """A rich Console that is wide enough for the tables when the output is piped."""
+    out = Console()
+    return out if out.is_terminal else Console(width=200)
+
+
+def finish(
+    name: str,
+    info: dict[str, Any],
+    args: Mapping[str, Any],
+    columns: Sequence[str],
+    rows: Sequence[Mapping[str, Any]],
+    title: str,
+    no_record: bool = False,
+) -> None:
+    """Print ``rows`` (dicts keyed by ``columns``) as a rich table; unless ``no_record``, save the JSON and
+    append the table to RESULTS.md (:func:`record`)."""
+    table = Table(title=title)
+    for col in columns:
+        table.add_column(col, justify="right" if isinstance(rows[0].get(col) if rows else None, (int, float))
+                         else "left")
+    values = [[row.get(col) for col in columns] for row in rows]
+    for row in values:
+        table.add_row(*("" if v is None else str(v) for v in row))
+    out = console()
+    out.print(table)
+    if not no_record:
+        json_path, md_path = record(name, info, dict(args), columns, values)
+        out.print(f"saved {json_path} and appended to {md_path}")

@@ -6,24 +6,25 @@ ground truth shifted by (2, -1, 1) voxels with its borders perturbed again. ``ca
 union bounding box of each region's two masks; the baseline applies the same SPEC.md recipe (erosion,
 Euclidean distance transforms) to the whole volume, and both must give the same HD95.
 
-Usage (from the repository root): ``python -m benchmarks.metrics [--repeats 5] [--no-record]``. The process
-pins itself to one CPU core where the OS allows it (``os.sched_setaffinity``).
+Usage (from the repository root): ``python -m benchmarks.metrics [--repeats 5] [--baseline-repeats 2]
+[--no-record]``. The timed part runs pinned to one CPU core where the OS allows it (``os.sched_setaffinity``;
+the previous affinity is restored afterwards).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import numpy as np
-from rich.console import Console
-from rich.table import Table
 from scipy import ndimage
 
-from benchmarks.common import describe_device, record
+from benchmarks.common import describe_device, finish
 from brats_lightning.data.labels import BRATS2020, labels_to_regions
 from brats_lightning.metrics import REGION_NAMES, case_metrics
 
@@ -77,16 +78,35 @@ def whole_volume_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     return out
 
 
-def main() -> None:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--baseline-repeats", type=int, default=2)
+    parser.add_argument("--baseline-repeats", type=int, default=2,
+                        help="repeats of the whole-volume baseline (0: skip it and its HD95 check)")
+    parser.add_argument("--no-pin", action="store_true", help="don't pin the process to one CPU core")
     parser.add_argument("--no-record", action="store_true", help="print only; no JSON, no RESULTS.md row")
-    args = parser.parse_args()
-    pinned = None
-    if hasattr(os, "sched_setaffinity"):
-        pinned = min(os.sched_getaffinity(0))
-        os.sched_setaffinity(0, {pinned})
+    args = parser.parse_args(argv)
+    args.argv = list(argv) if argv is not None else None
+    return args
+
+
+@contextlib.contextmanager
+def one_core(enabled: bool = True) -> Iterator[int | None]:
+    """Pin this process to one CPU core while the block runs (restoring the previous affinity after)."""
+    if not enabled or not hasattr(os, "sched_setaffinity"):
+        yield None
+        return
+    previous = os.sched_getaffinity(0)
+    pinned = min(previous)
+    os.sched_setaffinity(0, {pinned})
+    try:
+        yield pinned
+    finally:
+        os.sched_setaffinity(0, previous)
+
+
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Time the variants, check the HD95 against the baseline, print and record; return the rows."""
     gt_labels, pred_labels = realistic_case()
     gt, pred = labels_to_regions(gt_labels, BRATS2020), labels_to_regions(pred_labels, BRATS2020)
     wt_extent = [int(s.stop - s.start) for s in ndimage.find_objects(gt[2].astype(np.uint8))[0]]
@@ -99,32 +119,37 @@ def main() -> None:
                 ("case_metrics, hd95=False", lambda: case_metrics(pred, gt, hd95=False), args.repeats),
                 ("whole volume (baseline)", lambda: whole_volume_metrics(pred, gt), args.baseline_repeats)]
     results = {}
-    for name, fn, repeats in variants:
-        times, result = _time(fn, repeats)
-        results[name] = result
-        hd = triple(result, "hd95", ".3f") if "hd95_et" in result else "-"
-        case = f"{'x'.join(map(str, SHAPE))}, WT {'x'.join(map(str, wt_extent))} vox, 1 core"
-        rows.append([name, case, f"{statistics.median(times):.0f}", f"{min(times):.0f}", hd,
-                     triple(result, "dice", ".4f")])
-    ours, baseline = results["case_metrics (bounding box)"], results["whole volume (baseline)"]
+    with one_core(not args.no_pin) as pinned:
+        for name, fn, repeats in variants:
+            if repeats < 1:
+                continue
+            times, result = _time(fn, repeats)
+            results[name] = result
+            hd = triple(result, "hd95", ".3f") if "hd95_et" in result else "-"
+            case = f"{'x'.join(map(str, SHAPE))}, WT {'x'.join(map(str, wt_extent))} vox, 1 core"
+            rows.append({"variant": name, "case": case, "median ms": round(statistics.median(times)),
+                         "min ms": round(min(times)), "HD95 ET / TC / WT (mm)": hd,
+                         "Dice ET / TC / WT": triple(result, "dice", ".4f")})
+    ours, baseline = results["case_metrics (bounding box)"], results.get("whole volume (baseline)", {})
     for key in baseline:
         if abs(ours[key] - baseline[key]) > 1e-9:
             raise SystemExit(f"metrics benchmark: {key} differs: bounding box {ours[key]} vs whole volume "
                              f"{baseline[key]}")
     info = describe_device("cpu")
     info["pinned_cpu"] = pinned
+    checked = "HD95 identical to the baseline" if baseline else "baseline skipped"
     note = (f"one case {SHAPE}, whole tumour extent {wt_extent} voxels (1 mm), prediction = perturbed ground "
             f"truth; {'pinned to CPU ' + str(pinned) if pinned is not None else 'not pinned'}; "
-            f"{args.repeats} repeats (baseline {args.baseline_repeats}); HD95 identical to the baseline")
-    table = Table(title=f"BraTS metrics, one case: {note}")
-    for column in COLUMNS:
-        table.add_column(column)
-    for row in rows:
-        table.add_row(*row)
-    Console().print(table)
-    if not args.no_record:
-        record("metrics", info, {**vars(args), "wt_extent_voxels": wt_extent}, COLUMNS, rows)
+            f"{args.repeats} repeats (baseline {args.baseline_repeats}); {checked}")
+    finish("metrics", info, {**vars(args), "wt_extent_voxels": wt_extent}, COLUMNS, rows,
+           f"BraTS metrics, one case: {note}", args.no_record)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    run(parse_args(argv))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

@@ -1,18 +1,28 @@
-"""Time one training step of each network: forward with deep supervision, Dice loss sum, backward, Adam step.
+"""Time training steps through the suite's own path: a Lightning Trainer fitting BratsModule.
 
-SPEC.md "Measured anchors" (H200, EquiUnet w=48, 128^3, batch 1): 82 ms fp16 eager, 42 ms compiled. This
-script measures the same step for our networks, so regressions and new hardware can be compared.
+What one timed step is: ``BratsModule.training_step`` (the network's forward with deep supervision, the
+deep-supervision Dice loss, per-case losses, logging) plus Lightning's backward and optimizer step under the
+configured precision plugin (autocast; gradient scaling for 16-mixed), with the speed switches of
+:mod:`brats_lightning.speed` applied by ``BratsModule.configure_model`` exactly as in training. A callback
+reads the clock at ``on_train_batch_start`` and ``on_train_batch_end`` (synchronizing the GPU first);
+"iteration ms" is the time between two batch ends, which adds the data fetch, the host-to-device copy and
+the batch augmentation of ``on_after_batch_transfer``. The data are fixed in-memory crops (the data pipeline
+has its own benchmark, benchmarks/data_loader.py). SPEC.md "Measured anchors" (H200, EquiUnet w=48, 128^3,
+batch 1, Adam): 82 ms fp16 eager, 42 ms compiled; the issue's target is <= 30 ms.
 
 Usage (from the repository root):
 
-    python -m benchmarks.train_step                  # CPU defaults: w=8, 32^3 and 64^3, batch 1, < 60 s
-    python -m benchmarks.train_step --device cuda    # GPU defaults: w=48, 128^3, 16-mixed and bf16-mixed
-    python -m benchmarks.train_step --device cuda --memory-format contiguous,channels_last_3d --compile both
+    python -m benchmarks.train_step                   # CPU: EquiUnet w=8 64^3, fp32/bf16 x memory formats
+    python -m benchmarks.train_step --compile both    # ... and torch.compile on/off (minutes on 2 cores)
+    python -m benchmarks.train_step --paper           # CUDA: w=48 128^3, EquiUnet + attention, 16-mixed and
+                                                      # bf16-mixed, compile on/off
+    python -m benchmarks.train_step --tiny            # seconds: the code path only (tests)
 
-Each configuration: count FLOPs of one forward+backward (torch's FlopCounterMode on the meta device),
-build the network, run ``--warmup`` untimed steps, then time ``--steps`` steps (synchronizing the GPU
-around each) and report the median and minimum. Results: a rich table, JSON in benchmarks/results/ and a
-section in RESULTS.md (``--no-record`` skips both files).
+Any option overrides the preset: ``--models``, ``--width``, ``--sizes``, ``--batch``, ``--precision``,
+``--memory-format``, ``--compile``, ``--pipeline`` (A: GroupNorm + squared Dice + A's augmentation; B:
+InstanceNorm + plain Dice + B's), ``--optimizer`` (adam, as in the anchors, or the pipeline's own: Ranger
+for A). FLOPs of one forward + backward are counted by torch's FlopCounterMode on the meta device. Results:
+a table, JSON in benchmarks/results/ and a section in RESULTS.md (``--no-record`` skips the files).
 """
 
 from __future__ import annotations
@@ -23,202 +33,265 @@ import itertools
 import logging
 import statistics
 import time
-from collections.abc import Callable
+import warnings
+from dataclasses import asdict, dataclass
 from typing import Any
 
+import pytorch_lightning as pl
 import torch
-from rich.console import Console
-from rich.table import Table
+from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import describe_device, record
-from brats_lightning.losses import DeepSupervisionLoss, DiceLoss
-from brats_lightning.models import AttEquiUnet, EquiUnet, Unet
-from brats_lightning.models.blocks import group_norm, instance_norm
+from benchmarks.common import check_device, csv_list, describe_device, finish, pipeline_config, sync
+from brats_lightning.data.datamodule import collate_cases
+from brats_lightning.module import BratsModule
+from brats_lightning.speed import resolve_speed
 
 log = logging.getLogger("benchmarks.train_step")
 
-MODELS: dict[str, type[torch.nn.Module]] = {"equiunet": EquiUnet, "unet": Unet, "attequiunet": AttEquiUnet}
-NORMS = {"group": group_norm, "instance": instance_norm}
-PRECISIONS = {"fp32": None, "bf16-mixed": torch.bfloat16, "16-mixed": torch.float16}
-MEMORY_FORMATS = {"contiguous": torch.contiguous_format, "channels_last_3d": torch.channels_last_3d}
-DEFAULTS = {
-    "cpu": {"width": 8, "sizes": "32,64", "precision": "fp32,bf16-mixed", "warmup": 1, "steps": 3},
-    "cuda": {"width": 48, "sizes": "128", "precision": "16-mixed,bf16-mixed", "warmup": 5, "steps": 20},
+MODELS = {"equiunet": "brats_lightning.models.EquiUnet", "unet": "brats_lightning.models.Unet",
+          "attequiunet": "brats_lightning.models.AttEquiUnet"}
+PRECISIONS = ("32-true", "bf16-mixed", "16-mixed")
+ALIASES = {"fp32": "32-true", "32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed", "16": "16-mixed"}
+MEMORY_FORMATS = ("contiguous", "channels_last_3d")
+PRESETS: dict[str, dict[str, Any]] = {
+    "cpu": {"device": "cpu", "models": "equiunet", "width": 8, "sizes": "64",
+            "precision": "32-true,bf16-mixed", "memory_format": "contiguous,channels_last_3d",
+            "compile": "no", "warmup": 2, "steps": 5},
+    "paper": {"device": "cuda", "models": "equiunet,attequiunet", "width": 48, "sizes": "128",
+              "precision": "16-mixed,bf16-mixed", "memory_format": "contiguous", "compile": "both",
+              "warmup": 5, "steps": 20},
+    "tiny": {"device": "cpu", "models": "equiunet", "width": 4, "sizes": "32", "precision": "32-true",
+             "memory_format": "contiguous,channels_last_3d", "compile": "no", "warmup": 1, "steps": 2},
 }
-COLUMNS = ["model", "norm", "width", "size", "batch", "precision", "memory format", "compile",
-           "median ms", "min ms", "GFLOP/step", "TFLOP/s", "peak GiB"]
+COLUMNS = ["model", "pipeline", "width", "size", "batch", "precision", "memory format", "compile",
+           "optimizer", "step ms", "min ms", "iteration ms", "first step s", "first loss", "GFLOP/step",
+           "TFLOP/s", "peak GiB"]
 
 
-def _csv(value: str, allowed: dict[str, Any] | None, what: str) -> list[str]:
-    items = [v.strip() for v in value.split(",") if v.strip()]
-    if allowed is not None:
-        bad = [v for v in items if v not in allowed]
-        if bad:
-            raise SystemExit(f"train_step: unknown {what} {bad}; expected a comma list of {sorted(allowed)}")
-    return items
+@dataclass(frozen=True)
+class StepConfig:
+    """One configuration to time (a row of the table)."""
+
+    model: str = "equiunet"
+    width: int = 8
+    size: int = 64
+    batch: int = 1
+    precision: str = "32-true"
+    memory_format: str = "contiguous"
+    compile: bool = False
+    pipeline: str = "A"
+    optimizer: str = "adam"
+
+
+class StepTimer(pl.Callback):
+    """Clock reads around every training batch (GPU synchronized), the first loss and the peak memory."""
+
+    def __init__(self, device: torch.device, warmup: int) -> None:
+        self.device, self.warmup = device, warmup
+        self.step_s: list[float] = []
+        self.iteration_s: list[float] = []
+        self.losses: list[float] = []
+        self._start = 0.0
+        self._last_end: float | None = None
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        sync(self.device)
+        if batch_idx == self.warmup and self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self._start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        sync(self.device)
+        now = time.perf_counter()
+        self.step_s.append(now - self._start)
+        if self._last_end is not None:
+            self.iteration_s.append(now - self._last_end)
+        self._last_end = now
+        self.losses.append(float(outputs["loss"]))
+
+
+class FixedCrops(Dataset):
+    """``n`` training items, all the same random crop (image, bool regions, case id)."""
+
+    def __init__(self, n: int, size: int, seed: int = 0) -> None:
+        generator = torch.Generator().manual_seed(seed)
+        self.n = n
+        self.image = torch.randn(4, size, size, size, generator=generator)
+        self.target = torch.rand(3, size, size, size, generator=generator) > 0.7
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"image": self.image, "target": self.target, "case_id": f"bench_{index:03d}"}
+
+
+def module_configs(cfg: StepConfig, epochs: int = 1) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(model_config, pipeline config) for ``BratsModule``: the pipeline's norm, loss and augmentation;
+    ``optimizer`` "adam" (lr 1e-4, as in the anchors) or "pipeline" (A: Ranger, B: Adam)."""
+    pipeline = pipeline_config(cfg.pipeline, epochs=epochs)
+    if cfg.optimizer == "adam":
+        pipeline["optimizer"] = {"name": "adam", "lr": 1.0e-4}
+    elif cfg.optimizer != "pipeline":
+        raise SystemExit(f"train_step: --optimizer {cfg.optimizer!r}; expected adam or pipeline")
+    model = {"_target_": MODELS[cfg.model], "width": cfg.width, "norm": pipeline["norm"]}
+    return model, pipeline
+
+
+def count_flops(cfg: StepConfig) -> int:
+    """FLOPs of one forward + deep-supervision loss + backward (FlopCounterMode on the meta device)."""
+    model_config, pipeline = module_configs(cfg)
+    with torch.device("meta"):
+        module = BratsModule(model_config, pipeline)
+        module.train()
+        x = torch.empty(cfg.batch, 4, cfg.size, cfg.size, cfg.size)
+        target = torch.empty(cfg.batch, 3, cfg.size, cfg.size, cfg.size, dtype=torch.bool)
+    with FlopCounterMode(display=False) as counter:
+        module.loss(module.net(x), target).backward()
+    return int(counter.get_total_flops())
+
+
+def _quiet_lightning() -> None:
+    for name in ("pytorch_lightning", "lightning.pytorch", "lightning_fabric", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    for message in (r".*does not have many workers.*", r".*isinstance\(treespec, LeafSpec\)",
+                    r".*GPU available but not used.*", r".*You have overridden `on_after_batch_transfer`.*",
+                    r".*Trying to infer the `batch_size`.*", r".*no `val_dataloader`.*"):
+        warnings.filterwarnings("ignore", message=message)
+
+
+def bench_config(cfg: StepConfig, device: torch.device, warmup: int, steps: int,
+                 compile_mode: str | None = None) -> dict[str, Any]:
+    """Fit BratsModule for ``warmup + steps`` batches of ``cfg`` and return the table row (a dict)."""
+    _quiet_lightning()
+    if cfg.precision == "16-mixed" and device.type == "cpu":
+        raise SystemExit("train_step: 16-mixed (fp16 autocast + grad scaling) is CUDA only; use bf16-mixed")
+    if device.type == "cpu" and cfg.precision == "bf16-mixed" and cfg.size // 8 == 2:
+        raise SystemExit("train_step: bf16 on the CPU with 16^3 crops hits a oneDNN Conv3d gradient bug "
+                         "(brats_lightning/precision.py); use sizes of 24 or more")
+    row: dict[str, Any] = {"model": cfg.model, "pipeline": cfg.pipeline, "width": cfg.width, "size": cfg.size,
+                           "batch": cfg.batch, "precision": cfg.precision, "memory format": cfg.memory_format,
+                           "compile": cfg.compile, "optimizer": cfg.optimizer}
+    flops = count_flops(cfg)
+    row["GFLOP/step"] = round(flops / 1e9, 1)
+    model_config, pipeline = module_configs(cfg, epochs=1)
+    speed = {"memory_format": cfg.memory_format, "compile": cfg.compile, "compile_mode": compile_mode,
+             "cudnn_benchmark": "auto"}
+    plan = resolve_speed(speed, device.type, cfg.precision)
+    pl.seed_everything(0, verbose=False)
+    module = BratsModule(model_config, pipeline, speed=speed)
+    loader = DataLoader(FixedCrops(cfg.batch * (warmup + steps), cfg.size), batch_size=cfg.batch,
+                        collate_fn=collate_cases, pin_memory=device.type == "cuda")
+    timer = StepTimer(device, warmup)
+    trainer = pl.Trainer(
+        accelerator="gpu" if device.type == "cuda" else "cpu",
+        devices=[device.index or 0] if device.type == "cuda" else 1, precision=cfg.precision, max_epochs=1,
+        limit_val_batches=0, num_sanity_val_steps=0, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[timer],
+        benchmark=plan.cudnn_benchmark)
+    try:
+        trainer.fit(module, train_dataloaders=loader)
+    except torch.OutOfMemoryError:
+        row["step ms"] = "OOM"
+        return row
+    finally:
+        del trainer
+    timed = timer.step_s[warmup:]
+    median = statistics.median(timed)
+    iterations = timer.iteration_s[max(warmup - 1, 0):]  # iteration_s[i]: batch end i -> batch end i + 1
+    row.update({
+        "step ms": round(median * 1e3, 1), "min ms": round(min(timed) * 1e3, 1),
+        "iteration ms": round(statistics.median(iterations) * 1e3, 1) if iterations else None,
+        "first step s": round(timer.step_s[0], 2), "first loss": round(timer.losses[0], 5),
+        "TFLOP/s": round(flops / median / 1e12, 3),
+        "peak GiB": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
+                     else None),
+    })
+    if not all(abs(v) < float("inf") for v in timer.losses):  # False for NaN too
+        log.warning("%s: non-finite loss in %s", cfg, timer.losses)
+    return row
+
+
+def run_configs(configs: list[StepConfig], device: torch.device, warmup: int, steps: int,
+                compile_mode: str | None = None) -> list[dict[str, Any]]:
+    """Time every configuration in turn (memory released and dynamo reset between them)."""
+    rows = []
+    for i, cfg in enumerate(configs, start=1):
+        log.info("[%d/%d] %s", i, len(configs), asdict(cfg))
+        rows.append(bench_config(cfg, device, warmup, steps, compile_mode))
+        gc.collect()
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+        if cfg.compile:
+            torch._dynamo.reset()
+    return rows
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", default="cpu", help="cpu or cuda[:N] (default cpu)")
-    p.add_argument("--models", default="equiunet,unet,attequiunet", help="comma list of " + ",".join(MODELS))
-    p.add_argument("--norm", default="group", choices=sorted(NORMS))
-    p.add_argument("--width", type=int, help="network width (CPU default 8, CUDA 48)")
-    p.add_argument("--sizes", help="comma list of cubic crop sides, multiples of 8 (CPU 32,64; CUDA 128)")
+    preset = p.add_mutually_exclusive_group()
+    preset.add_argument("--paper", action="store_true", help="the paper's sizes on CUDA (see the docstring)")
+    preset.add_argument("--tiny", action="store_true", help="tiny sizes, seconds (tests)")
+    p.add_argument("--device", help="cpu or cuda[:N] (default: cpu; --paper: cuda)")
+    p.add_argument("--models", help="comma list of " + ",".join(MODELS))
+    p.add_argument("--pipeline", default="A", choices=["A", "B"], help="norm, loss, augmentation (default A)")
+    p.add_argument("--optimizer", default="adam", choices=["adam", "pipeline"],
+                   help="adam (lr 1e-4, as the anchors) or the pipeline's own (A: Ranger)")
+    p.add_argument("--width", type=int, help="network width")
+    p.add_argument("--sizes", help="comma list of cubic crop sides, multiples of 8")
     p.add_argument("--batch", type=int, default=1)
-    p.add_argument("--precision", help="comma list of fp32, bf16-mixed, 16-mixed (CUDA only)")
-    p.add_argument("--memory-format", default="contiguous", help="comma list of contiguous, channels_last_3d")
-    p.add_argument("--compile", default="no", choices=["no", "yes", "both"], help="torch.compile the network")
-    p.add_argument("--warmup", type=int, help="untimed steps per configuration (CPU 1, CUDA 5)")
-    p.add_argument("--steps", type=int, help="timed steps per configuration (CPU 3, CUDA 20)")
+    p.add_argument("--precision", help="comma list of 32-true (fp32), bf16-mixed, 16-mixed (CUDA)")
+    p.add_argument("--memory-format", help="comma list of contiguous, channels_last_3d")
+    p.add_argument("--compile", choices=["no", "yes", "both"], help="torch.compile the training forward")
+    p.add_argument("--compile-mode", help="torch.compile mode (default: torch's default)")
+    p.add_argument("--warmup", type=int, help="untimed steps per configuration")
+    p.add_argument("--steps", type=int, help="timed steps per configuration")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--no-cudnn-benchmark", action="store_true", help="leave cudnn.benchmark off")
     p.add_argument("--no-record", action="store_true", help="print only: no JSON, no RESULTS.md row")
     args = p.parse_args(argv)
-    kind = torch.device(args.device).type
-    if kind not in DEFAULTS:
-        raise SystemExit(f"train_step: --device {args.device} is not supported; use cpu or cuda")
-    if kind == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(
-            "train_step: --device cuda asked but torch.cuda.is_available() is False; use --device cpu"
-        )
-    for key, value in DEFAULTS[kind].items():
+    args.argv = list(argv) if argv is not None else None
+    preset_name = "paper" if args.paper else "tiny" if args.tiny else "cpu"
+    for key, value in PRESETS[preset_name].items():
         if getattr(args, key) is None:
             setattr(args, key, value)
-    args.models = _csv(args.models, MODELS, "model")
-    args.precision = _csv(args.precision, PRECISIONS, "precision")
-    args.memory_format = _csv(args.memory_format, MEMORY_FORMATS, "memory format")
-    args.sizes = [int(s) for s in _csv(args.sizes, None, "size")]
+    args.models = csv_list(args.models, list(MODELS), "model")
+    args.precision = [ALIASES.get(v, v) for v in csv_list(args.precision, None, "precision")]
+    csv_list(args.precision, PRECISIONS, "precision")
+    args.memory_format = csv_list(args.memory_format, MEMORY_FORMATS, "memory format")
+    args.sizes = csv_list(args.sizes, None, "size", int)
     if any(s % 8 for s in args.sizes):
         raise SystemExit(f"train_step: --sizes {args.sizes}; every side must be a multiple of 8")
-    if kind == "cpu" and "16-mixed" in args.precision:
-        raise SystemExit(
-            "train_step: 16-mixed (fp16 autocast + GradScaler) is CUDA only; on CPU use bf16-mixed"
-        )
     return args
 
 
-def _sync(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def configs_from_args(args: argparse.Namespace) -> list[StepConfig]:
+    """The cartesian product of the command line's lists."""
+    compile_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
+    return [StepConfig(model, args.width, size, args.batch, precision, fmt, compiled, args.pipeline,
+                       args.optimizer)
+            for model, size, precision, fmt, compiled in itertools.product(
+                args.models, args.sizes, args.precision, args.memory_format, compile_modes)]
 
 
-def count_flops(args: argparse.Namespace, name: str, size: int, loss_fn: torch.nn.Module) -> int:
-    """FLOPs of one forward + loss + backward, by torch's FlopCounterMode on the meta device (no compute)."""
-    with torch.device("meta"):
-        net = MODELS[name](width=args.width, norm=NORMS[args.norm]).train()
-        x = torch.empty(args.batch, 4, size, size, size)
-        target = torch.empty(args.batch, 3, size, size, size, dtype=torch.bool)
-    with FlopCounterMode(display=False) as counter:
-        loss_fn(net(x), target).backward()
-    return int(counter.get_total_flops())
-
-
-def make_step(
-    model: Callable[[torch.Tensor], Any],
-    params: list[torch.nn.Parameter],
-    x: torch.Tensor,
-    target: torch.Tensor,
-    loss_fn: torch.nn.Module,
-    precision: str,
-) -> Callable[[], torch.Tensor]:
-    """One optimizer step closure: zero_grad, autocast forward + loss, backward (scaled for fp16), Adam."""
-    device = x.device
-    dtype = PRECISIONS[precision]
-    optimizer = torch.optim.Adam(params, lr=1e-4)
-    scaler = torch.amp.GradScaler(device.type) if precision == "16-mixed" else None
-
-    def step() -> torch.Tensor:
-        optimizer.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            loss = loss_fn(model(x), target)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        return loss.detach()
-
-    return step
-
-
-def bench_one(
-    args: argparse.Namespace, name: str, size: int, precision: str, memory_format: str, compiled: bool
-) -> list[Any]:
-    device = torch.device(args.device)
-    torch.manual_seed(0)
-    net = MODELS[name](width=args.width, norm=NORMS[args.norm]).to(device).train()
-    fmt = MEMORY_FORMATS[memory_format]
-    x = torch.randn(args.batch, 4, size, size, size, device=device).contiguous(memory_format=fmt)
-    target = torch.rand(args.batch, 3, size, size, size, device=device) > 0.7
-    loss_fn = DeepSupervisionLoss(DiceLoss(squared=True))
-    flops = count_flops(args, name, size, loss_fn)
-    net = net.to(memory_format=fmt)
-    model = torch.compile(net) if compiled else net
-    step = make_step(model, list(net.parameters()), x, target, loss_fn, precision)
-    row_head = [name, args.norm, args.width, size, args.batch, precision, memory_format, compiled]
-    try:
-        for _ in range(args.warmup):
-            step()
-        _sync(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        times = []
-        for _ in range(args.steps):
-            _sync(device)
-            start = time.perf_counter()
-            loss = step()
-            _sync(device)
-            times.append(time.perf_counter() - start)
-        if not torch.isfinite(loss):
-            log.warning("%s: non-finite loss %s", row_head, loss.item())
-    except torch.OutOfMemoryError:
-        return [*row_head, "OOM", None, round(flops / 1e9, 1), None, None]
-    median = statistics.median(times)
-    peak = round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
-    return [*row_head, round(median * 1e3, 1), round(min(times) * 1e3, 1), round(flops / 1e9, 1),
-            round(flops / median / 1e12, 3), peak]
+def run(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Run the benchmark described by parsed ``args``; print and record the table; return its rows."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = check_device(args.device)
+    info = describe_device(device)
+    rows = run_configs(configs_from_args(args), device, args.warmup, args.steps, args.compile_mode)
+    title = (f"train step through Trainer.fit(BratsModule) ({info['label']}; warm-up {args.warmup}, "
+             f"median of {args.steps})")
+    finish("train_step", info, vars(args), COLUMNS, rows, title, args.no_record)
+    return rows
 
 
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = torch.device(args.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = not args.no_cudnn_benchmark
-    info = describe_device(device)
-    compile_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
-    rows = []
-    console = Console()
-    if not console.is_terminal:
-        console = Console(width=170)  # rich assumes 80 columns when piped; the table needs about 150
-    configs = list(
-        itertools.product(args.models, args.sizes, args.precision, args.memory_format, compile_modes)
-    )
-    with console.status("") as status:
-        for i, (name, size, precision, fmt, compiled) in enumerate(configs, start=1):
-            status.update(f"[{i}/{len(configs)}] {name} {size}^3 {precision} {fmt} compile={compiled}")
-            rows.append(bench_one(args, name, size, precision, fmt, compiled))
-            gc.collect()
-            if device.type == "cuda":
-                torch.cuda.empty_cache()
-            if compiled:
-                torch._dynamo.reset()
-    table = Table(title=f"train step ({info['label']}; warm-up {args.warmup}, median of {args.steps})")
-    for col in COLUMNS:
-        left = col in ("model", "norm", "precision", "memory format")
-        table.add_column(col, justify="left" if left else "right")
-    for row in rows:
-        table.add_row(*("" if v is None else str(v) for v in row))
-    console.print(table)
-    if not args.no_record:
-        json_path, md_path = record("train_step", info, vars(args), COLUMNS, rows)
-        console.print(f"saved {json_path} and appended to {md_path}")
+    run(parse_args(argv))
     return 0
 
 

@@ -275,3 +275,24 @@ def strip_compile_prefix(state_dict: Mapping[str, Any]) -> dict[str, Any]:
         A new dict; keys without the component are unchanged.
     """
     return {k.replace("_orig_mod.", ""): v for k, v in state_dict.items()}
+
+
+class InferenceNet(nn.Module):
+    """A network for inference with the speed plan applied: weights and inputs in the plan's memory format
+    and, when ``plan.compile`` is on, the forward compiled (:class:`CompiledNet`). For benchmarks and
+    predictors; checkpoints are saved from the plain network, never from this wrapper.
+
+    Args:
+        net: the network (converted in place to the plan's memory format).
+        plan: the resolved plan (:func:`resolve_speed`).
+    """
+
+    def __init__(self, net: nn.Module, plan: SpeedPlan) -> None:
+        super().__init__()
+        self.net = convert_module(net, plan)
+        self.plan = plan
+        self._compiled = CompiledNet(net, plan.compile_mode, plan.compile_dynamic) if plan.compile else None
+
+    def forward(self, x: torch.Tensor) -> Any:
+        fn = self._compiled.get(self.net) if self._compiled is not None else None
+        return (fn or self.net)(convert_input(x, self.plan))
