@@ -402,6 +402,7 @@ def test_slurm_signal_saves_requeues_and_the_job_resumes(synthetic_root, tmp_pat
 
 
 # ----------------------------------------------------------------------------------- launcher presets
+@pytest.mark.slow
 def test_slurm_preset_composes(tmp_path, monkeypatch):
     env = {**_no_cluster_env(), "SBATCH_PARTITION": "gpu-a100", "SBATCH_ACCOUNT": "brats",
            "BRATS_SLURM_GPUS": "2", "BRATS_SLURM_TIME_MIN": "2880"}
@@ -448,7 +449,7 @@ def test_slurm_preset_composes(tmp_path, monkeypatch):
     assert "USR2" not in script  # submitit's own signal is replaced by Lightning's
 
 
-@pytest.mark.filterwarnings("ignore:.*is validated against ConfigStore schema")
+@pytest.mark.filterwarnings(r"ignore:\s*'hydra/launcher/\w+' is validated against ConfigStore schema")
 def test_ddp_and_local_presets_compose(tmp_path):
     from hydra import compose, initialize_config_dir
 
