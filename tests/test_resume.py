@@ -1,0 +1,147 @@
+"""Training survives interruption (train.py, checkpointing.py, runs.py, callbacks/fast_swa.py).
+
+A real ``python train.py`` job with fast SWA and the case-loss recorder is killed with SIGKILL once during
+the main schedule and once during the SWA phase, then run again with the same command until it finishes; it
+must end with the same epochs, weights, averaged weights, per-case losses and W&B run id as an uninterrupted
+job, and leave no temporary files. Running the finished job again (after losing swa.ckpt and run.json, as a
+kill right after the last epoch would) must recreate them, identical, without training.
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+MAIN, CYCLES, CYCLE = 2, 2, 2
+TOTAL = MAIN + CYCLES * CYCLE  # 6 epochs, SWA snapshots after epochs 2 (seed), 3, 4, 5, 6
+
+
+def command(name: str, synthetic_root: Path, tmp: Path) -> list[str]:
+    return [sys.executable, str(REPO / "train.py"), "experiment=smoke", f"name={name}",
+            f"data.root={synthetic_root}", "data.generate=null", "data.crop_size=16",
+            "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.precision=32-true",
+            "trainer.deterministic=true", "callbacks=[default,fast_swa,case_losses]",
+            "callbacks.progress_bar=null",
+            f"pipeline.epochs={MAIN}", f"callbacks.fast_swa.cycles={CYCLES}",
+            f"callbacks.fast_swa.cycle_epochs={CYCLE}", "callbacks.fast_swa.snapshot_every=1",
+            f"paths.output_dir={tmp / 'outputs'}", f"paths.cache_dir={tmp / 'cache'}"]
+
+
+ENV = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+
+
+def run_to_end(cmd: list[str], cwd: Path) -> None:
+    result = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+
+
+def swa_state(last: Path) -> dict | None:
+    """The FastSWA state of ``last.ckpt`` (None while it doesn't exist)."""
+    if not last.is_file():
+        return None
+    return torch.load(last, map_location="cpu", weights_only=True)["callbacks"]["FastSWA"]
+
+
+def run_and_kill(cmd: list[str], cwd: Path, last: Path, epochs_done: int) -> dict:
+    """Start the job, SIGKILL it as soon as ``last.ckpt`` says ``epochs_done`` epochs are done; return the
+    FastSWA state of the ``last.ckpt`` it leaves."""
+    process = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            state = swa_state(last)
+            if state is not None and state["epochs_done"] >= epochs_done:
+                break
+            assert process.poll() is None, f"the job ended before epoch {epochs_done}: " + \
+                process.stderr.read().decode()[-4000:]
+            time.sleep(0.05)
+        else:
+            pytest.fail(f"no checkpoint after {epochs_done} epochs within 300 s")
+    finally:
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        process.stderr.close()
+    assert process.returncode == -signal.SIGKILL
+    return swa_state(last)
+
+
+def dead_pid() -> int:
+    """The id of a process that has exited."""
+    child = subprocess.Popen([sys.executable, "-c", "pass"])
+    child.wait()
+    return child.pid
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.mark.slow
+def test_killed_twice_finishes_like_an_uninterrupted_run(synthetic_root, tmp_path):
+    ref_dir = tmp_path / "outputs" / "ref" / "A" / "equiunet" / "fold0"
+    run_dir = tmp_path / "outputs" / "killed" / "A" / "equiunet" / "fold0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    run_to_end(command("ref", synthetic_root, tmp_path), tmp_path)
+
+    cmd = command("killed", synthetic_root, tmp_path)
+    state = run_and_kill(cmd, tmp_path, last, epochs_done=1)  # main schedule (Ranger)
+    assert state["cycle"] == -1 and 1 <= state["epochs_done"] < MAIN
+    wandb_id = (run_dir / "wandb_id.txt").read_text().strip()
+    state = run_and_kill(cmd, tmp_path, last, epochs_done=MAIN + 1)  # SWA cycle 0, Adam with moments
+    assert state["cycle"] >= 0 and MAIN + 1 <= state["epochs_done"] < TOTAL and state["n_snapshots"] >= 2
+    assert torch.load(last, weights_only=True)["optimizer_states"][0]["state"]
+    stale = run_dir / "checkpoints" / f".tmp-{dead_pid()}-0123abcd-last.ckpt"  # a save cut short by a kill
+    stale.write_bytes(b"partial")
+    run_to_end(cmd, tmp_path)
+
+    ref_last = torch.load(ref_dir / "checkpoints" / "last.ckpt", weights_only=True)
+    new_last = torch.load(last, weights_only=True)
+    assert new_last["epoch"] == ref_last["epoch"] == TOTAL - 1
+    assert new_last["global_step"] == ref_last["global_step"] == TOTAL
+    for key, value in ref_last["state_dict"].items():
+        assert torch.equal(new_last["state_dict"][key], value), key
+    ref_swa = torch.load(ref_dir / "checkpoints" / "swa.ckpt", weights_only=True)["state_dict"]
+    new_swa = torch.load(run_dir / "checkpoints" / "swa.ckpt", weights_only=True)["state_dict"]
+    assert set(new_swa) == set(ref_swa)
+    for key, value in ref_swa.items():
+        assert torch.equal(new_swa[key], value), key
+    ref_run = json.loads((ref_dir / "run.json").read_text())
+    run = json.loads((run_dir / "run.json").read_text())
+    assert run["epochs_trained"] == ref_run["epochs_trained"] == TOTAL
+    assert run["val_metrics_swa"] == ref_run["val_metrics_swa"]
+    assert run["val_metrics"] == ref_run["val_metrics"]
+    assert run["fast_swa"] == ref_run["fast_swa"] and run["fast_swa"]["snapshot_epochs"] == [2, 3, 4, 5, 6]
+    assert run["checkpoints"]["swa"] == str((run_dir / "checkpoints" / "swa.ckpt").resolve())
+    assert run["wandb_run_id"] == wandb_id
+    assert (run_dir / "case_losses.csv").read_text() == (ref_dir / "case_losses.csv").read_text()
+    with open(run_dir / "metrics.csv", newline="") as f:
+        lines = list(csv.reader(f))
+    assert all(len(line) == len(lines[0]) for line in lines)  # no partial rows
+    rows = [dict(zip(lines[0], line, strict=True)) for line in lines[1:]]
+    assert sorted({int(r["epoch"]) for r in rows if r["train/loss_epoch"]}) == list(range(TOTAL))
+    assert not stale.exists()
+    assert not [p for p in run_dir.rglob("*") if p.name.startswith(".tmp-") or p.suffix == ".tmp"]
+
+    # finished, then killed before swa.ckpt and run.json were written: the rerun recreates both, no training
+    last_hash = sha256(last)
+    (run_dir / "run.json").unlink()
+    (run_dir / "checkpoints" / "swa.ckpt").unlink()
+    run_to_end(cmd, tmp_path)
+    assert sha256(last) == last_hash
+    rerun = json.loads((run_dir / "run.json").read_text())
+    assert rerun["epochs_trained"] == TOTAL and rerun["val_metrics_swa"] == run["val_metrics_swa"]
+    assert rerun["checkpoints"] == run["checkpoints"] and rerun["wandb_run_id"] == wandb_id
+    again = torch.load(run_dir / "checkpoints" / "swa.ckpt", weights_only=True)["state_dict"]
+    assert all(torch.equal(again[k], v) for k, v in ref_swa.items())
+    assert not [p for p in run_dir.rglob("*") if p.name.startswith(".tmp-") or p.suffix == ".tmp"]
