@@ -129,9 +129,10 @@ def cluster_plugins() -> list[Any]:
     Under SLURM (an ``srun`` task, or a batch step: ``SLURM_NTASKS`` set and the job not named ``bash`` or
     ``interactive``): ``[SLURMEnvironment(auto_requeue=True, requeue_signal=SIGUSR1)]``. Lightning then takes
     ranks from ``SLURM_PROCID``/``SLURM_LOCALID``/``SLURM_NODEID`` (no process re-launching), and on SIGUSR1
-    saves ``<default_root_dir>/hpc_ckpt_<n+1>.ckpt`` on every rank and, on global rank 0, runs
-    ``scontrol requeue <job id>`` (``<array job>_<task>`` for array jobs; trainer/connectors/
-    signal_connector.py ``_slurm_sigusr_handler_fn``). Elsewhere: ``[]`` (Lightning's own detection).
+    every rank calls ``trainer.save_checkpoint(<default_root_dir>/hpc_ckpt_<n+1>.ckpt)`` (rank 0 writes it)
+    and global rank 0 runs ``scontrol requeue <job id>`` (``<array job>_<task>`` for array jobs;
+    trainer/connectors/signal_connector.py ``_slurm_sigusr_handler_fn``). Elsewhere: ``[]`` (Lightning's
+    own detection).
     """
     from lightning_fabric.plugins.environments import SLURMEnvironment
 
