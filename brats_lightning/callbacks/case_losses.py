@@ -105,16 +105,21 @@ class CaseLossRecorder(pl.Callback):
             torch.distributed.all_gather_object(gathered, rows)
             rows = [row for part in gathered for row in part]
         first = self._first_kept_epoch(epoch, trainer.max_epochs)
-        self.rows = sorted([r for r in self.rows if first <= r[0] != epoch] + rows)
+        latest = {(e, c): v for e, c, v in rows}  # a case seen twice in one epoch (mid-epoch resume): last
+        self.rows = sorted([r for r in self.rows if first <= r[0] != epoch]
+                           + [(e, c, v) for (e, c), v in latest.items()])
         self._epoch_rows = []
         if trainer.is_global_zero and self.rows:
             write_case_losses(self.path(trainer), self.rows)
 
     def state_dict(self) -> dict[str, Any]:
-        return {"rows": [list(r) for r in self.rows], "last_epochs": self.last_epochs}
+        # epoch_rows: the epoch in progress, for checkpoints written mid-epoch (SLURM requeue, hpc_ckpt)
+        return {"rows": [list(r) for r in self.rows], "epoch_rows": [list(r) for r in self._epoch_rows],
+                "last_epochs": self.last_epochs}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.rows = [(int(e), str(c), float(v)) for e, c, v in state_dict["rows"]]
+        self._epoch_rows = [(int(e), str(c), float(v)) for e, c, v in state_dict.get("epoch_rows", [])]
 
 
 def write_case_losses(path: str | Path, rows: Iterable[tuple[int, str, float]]) -> Path:
