@@ -4,7 +4,9 @@ A real ``python train.py`` job with fast SWA and the case-loss recorder is kille
 the main schedule and once during the SWA phase, then run again with the same command until it finishes; it
 must end with the same epochs, weights, averaged weights, per-case losses and W&B run id as an uninterrupted
 job, and leave no temporary files. Running the finished job again (after losing swa.ckpt and run.json, as a
-kill right after the last epoch would) must recreate them, identical, without training.
+kill right after the last epoch would) must recreate them, identical, without training. A small in-process
+run checks that fp16 AMP's grad scaler state crosses a resume in the SWA phase (Lightning only scales on
+CUDA; here a CPU GradScaler is given to Lightning's MixedPrecision plugin).
 """
 
 from __future__ import annotations
@@ -20,7 +22,14 @@ import time
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
+from pytorch_lightning.plugins.precision import MixedPrecision
+from torch.utils.data import DataLoader, TensorDataset
+
+from brats_lightning.callbacks.fast_swa import FastSWA
+from brats_lightning.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint, last_checkpoint
+from brats_lightning.optim import build_optimizer, build_scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 MAIN, CYCLES, CYCLE = 2, 2, 2
@@ -145,3 +154,59 @@ def test_killed_twice_finishes_like_an_uninterrupted_run(synthetic_root, tmp_pat
     again = torch.load(run_dir / "checkpoints" / "swa.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(again[k], v) for k, v in ref_swa.items())
     assert not [p for p in run_dir.rglob("*") if p.name.startswith(".tmp-") or p.suffix == ".tmp"]
+
+
+class Linear(pl.LightningModule):
+    """A linear layer on fixed random data (4 shuffled batches an epoch), Ranger + pipeline A's schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = torch.nn.Linear(3, 2)
+        self.data = TensorDataset(torch.randn(8, 3, generator=torch.Generator().manual_seed(0)),
+                                  100 * torch.randn(8, 2, generator=torch.Generator().manual_seed(1)))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return torch.nn.functional.mse_loss(self.net(x).float(), y)
+
+    def train_dataloader(self):
+        return DataLoader(self.data, batch_size=2, shuffle=True)
+
+    def configure_optimizers(self):
+        opt = build_optimizer(self.net.parameters(), {"name": "ranger", "lr": 1e-2})
+        sched = build_scheduler(opt, {"name": "constant_cosine", "epochs": 2, "constant_fraction": 0.5})
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}
+
+
+class Crash(pl.Callback):
+    def on_train_epoch_start(self, trainer, pl_module):
+        if trainer.current_epoch == 3:
+            raise RuntimeError("crash at epoch 3")
+
+
+def fit_fp16(folder: Path, callbacks: list, ckpt_path: str | None = None, seed: int = 0):
+    pl.seed_everything(seed)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**16, growth_interval=3)
+    swa = FastSWA(main_epochs=2, cycles=2, cycle_epochs=2, snapshot_every=1, validate=False, dirpath=folder)
+    trainer = pl.Trainer(accelerator="cpu", max_epochs=6, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, plugins=[MixedPrecision("16-mixed", "cpu", scaler),
+                                                              AtomicCheckpointIO()],
+                         callbacks=[*callbacks, swa, last_checkpoint(folder), RandomStateCheckpoint()])
+    module = Linear()
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return module, swa, scaler
+
+
+def test_grad_scaler_and_swa_state_cross_a_resume(tmp_path):
+    ref, ref_swa, ref_scaler = fit_fp16(tmp_path / "ref", [])
+    with pytest.raises(RuntimeError, match="crash at epoch 3"):
+        fit_fp16(tmp_path / "run", [Crash()])
+    saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True)
+    assert saved["callbacks"]["FastSWA"]["cycle"] == 0 and saved["epoch"] == 2
+    assert saved["MixedPrecision"]["scale"] < 2.0**16  # the scaler backed off and regrew: a state to restore
+    module, swa, scaler = fit_fp16(tmp_path / "run", [], ckpt_path=str(tmp_path / "run" / "last.ckpt"),
+                                   seed=1)
+    assert scaler.state_dict() == ref_scaler.state_dict()
+    assert torch.equal(module.net.weight, ref.net.weight) and torch.equal(module.net.bias, ref.net.bias)
+    assert swa.snapshot_epochs == ref_swa.snapshot_epochs == [2, 3, 4, 5, 6]
+    assert all(torch.equal(swa.average[k], v) for k, v in ref_swa.average.items())
