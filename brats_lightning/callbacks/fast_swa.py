@@ -26,7 +26,9 @@ end of the epoch before the cycle starts, before that epoch's ``last.ckpt`` is w
 holds the optimizer and scheduler of the next epoch. Lightning restores callback states before
 ``configure_optimizers`` and the optimizer / scheduler states after ``on_fit_start``
 (``Trainer._run``); :meth:`FastSWA.on_fit_start` therefore installs the restored cycle's Adam and schedule,
-and Lightning then loads their saved states into them: a run resumed mid-SWA continues exactly.
+and Lightning then loads their saved states into them: a run resumed mid-SWA continues exactly. A job run
+again after its last epoch (e.g. killed before ``swa.ckpt`` or run.json were written) has nothing left to
+train; :meth:`FastSWA.on_fit_start` then writes and validates the averaged weights again.
 
 Config (conf/callbacks/fast_swa.yaml, also sets ``trainer.max_epochs = main + cycles x cycle_epochs`` with the
 ``fast_swa_epochs`` resolver, :func:`register_resolvers`)::
