@@ -128,7 +128,7 @@ class BratsModule(pl.LightningModule):
         when there is one (training steps: fixed crop shapes), else the eager network."""
         image = convert_input(image, self.speed_plan)
         fn = self._compiled.get(self.net) if compiled and self._compiled is not None else None
-        return (fn or self.net)(image)
+        return (self.net if fn is None else fn)(image)
 
     def forward(self, image: torch.Tensor) -> Any:
         """The network's output: logits, or ``(logits, [deep logits])`` in training mode."""
