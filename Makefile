@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 DEMO_NAME ?= demo
 
-.PHONY: install test demo train ensemble lint bench bench-gpu clean-demo
+.PHONY: install test demo train ensemble lint bench bench-gpu
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -24,3 +24,25 @@ test: install  ## run the test suite (CPU, about 10 minutes on 2 cores)
 
 lint: install  ## static checks
 	$(BIN)/ruff check brats_lightning tests benchmarks train.py
+
+train: install  ## one training job (or a sweep): make train ARGS="-m fold=0,1,2,3,4 pipeline=A"
+	$(BIN)/python train.py $(ARGS)
+
+# The CPU demo: 20 synthetic cases at 2 mm (generated on first use), pipelines A and B on fold 0, then the
+# out-of-fold ensembles of both pipelines on fold 0's validation cases, their merge, and the BraTS scores.
+demo: install  ## train A and B on synthetic data, ensemble, merge, score (< 10 minutes on 2 CPU cores)
+	$(BIN)/python train.py experiment=demo pipeline=A $(ARGS)
+	$(BIN)/python train.py experiment=demo pipeline=B $(ARGS)
+	$(BIN)/python ensemble.py runs=outputs/$(DEMO_NAME) dataset=data/synthetic oof=true
+	$(BIN)/brats-lightning cv-report outputs/$(DEMO_NAME)
+
+# Pipeline A and B ensembles with TTA on a data set, their merge, and the scores when labels exist.
+# Paths come from conf/ensemble.yaml; override them: make ensemble ARGS="runs=outputs/default dataset=/path/to/val"
+ensemble: install  ## ensemble pipelines A and B, merge them, evaluate (conf/ensemble.yaml)
+	$(BIN)/python ensemble.py $(ARGS)
+
+bench: install  ## CPU benchmarks (< 5 minutes); results appended to benchmarks/RESULTS.md
+	$(BIN)/python -m benchmarks.run_all $(ARGS)
+
+bench-gpu: install  ## the paper-size GPU benchmarks, one table against the targets
+	$(BIN)/python -m benchmarks.run_all --gpu $(ARGS)
