@@ -39,7 +39,7 @@ def expected_swa_lr(epoch: int, main: int, cycle_epochs: int, lr: float) -> floa
 
 
 class Recorder(pl.Callback):
-    """Per epoch: the optimizer in use (type, id, lr, weight decay, whether it has state) at the epoch's
+    """Per epoch: the optimizer in use (type, object, lr, weight decay, whether it has state) at the epoch's
     start, and float64 copies of the floating-point state entries at its end (keyed by epochs done)."""
 
     def __init__(self) -> None:
@@ -51,7 +51,7 @@ class Recorder(pl.Callback):
         group = opt.param_groups[0]
         scheduled = trainer.lr_scheduler_configs[0].scheduler.optimizer
         self.optim[trainer.current_epoch] = {
-            "type": type(opt), "id": id(opt), "lr": group["lr"], "weight_decay": group["weight_decay"],
+            "type": type(opt), "opt": opt, "lr": group["lr"], "weight_decay": group["weight_decay"],
             "has_state": len(opt.state) > 0, "scheduler_optimizer": scheduled is opt}
 
     def on_train_epoch_end(self, trainer, pl_module):
@@ -124,7 +124,7 @@ def test_schedule_snapshots_and_average(swa_run):
         assert info["lr"] == pytest.approx(expected_swa_lr(epoch, MAIN, CYCLE, LR), rel=1e-12, abs=1e-20)
         cycle_start = (epoch - MAIN) % CYCLE == 0
         assert info["has_state"] is not cycle_start  # fresh Adam (no moments) exactly at each cycle start
-        assert (info["id"] == rec.optim[epoch - 1]["id"]) is not cycle_start
+        assert (info["opt"] is rec.optim[epoch - 1]["opt"]) is not cycle_start
     assert [rec.optim[e]["lr"] for e in (2, 3, 4, 5)] == pytest.approx([5e-5, 3.75e-5, 1.25e-5, 5e-5])
     # snapshots: the weights after epoch 2 (end of the main schedule), then every 2 epochs: 4, 6, 8
     expected_epochs = [MAIN] + list(range(MAIN + EVERY, TOTAL + 1, EVERY))
@@ -255,7 +255,7 @@ def test_paper_numbers_350_epochs_51_snapshots(tmp_path):
     for epoch in range(200, 350):
         assert rec.optim[epoch]["type"] is torch.optim.Adam
         assert rec.optim[epoch]["lr"] == pytest.approx(expected_swa_lr(epoch, 200, 30, 5e-5), rel=1e-12)
-    assert len({rec.optim[e]["id"] for e in range(200, 350)}) == 5  # one fresh Adam per cycle
+    assert len({id(rec.optim[e]["opt"]) for e in range(200, 350)}) == 5  # a fresh Adam per cycle
     weights = torch.stack([rec.weights[e]["net.weight"] for e in swa.snapshot_epochs])
     torch.testing.assert_close(swa.average["net.weight"].double(), weights.mean(0), rtol=0, atol=1e-7)
     assert (tmp_path / "swa.ckpt").is_file()
