@@ -295,4 +295,4 @@ class InferenceNet(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Any:
         fn = self._compiled.get(self.net) if self._compiled is not None else None
-        return (fn or self.net)(convert_input(x, self.plan))
+        return (self.net if fn is None else fn)(convert_input(x, self.plan))

@@ -1,0 +1,274 @@
+"""Tests of brats_lightning/speed.py and the speed switches as BratsModule applies them.
+
+Every switch is checked against the plain path: forward logits, and one training step's loss and
+gradients, within the precision's tolerance (fp32: 1e-4 relative; bf16 autocast: as close to the fp32 result
+as the plain bf16 path, see :func:`assert_as_close_as_plain`).
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from omegaconf import OmegaConf
+
+from brats_lightning import speed
+from brats_lightning.data.datamodule import collate_cases
+from brats_lightning.module import BratsModule
+from brats_lightning.precision import cpu_supports_bf16
+
+CONF = Path(__file__).resolve().parents[1] / "conf"
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+HAS_CXX = any(shutil.which(c) for c in ("g++", "c++", "clang++"))
+# training_step logs; without a Trainer Lightning warns and skips the logging.
+pytestmark = pytest.mark.filterwarnings("ignore:You are trying to `self.log\\(\\)`")
+
+
+def pipeline_config(name: str = "A") -> dict:
+    cfg = OmegaConf.create({"pipeline": OmegaConf.load(CONF / "pipeline" / f"{name}.yaml")})
+    cfg.pipeline.epochs = 1
+    cfg.pipeline.augment = None  # identical batches for both paths
+    cfg.pipeline.optimizer = {"name": "sgd", "lr": 0.1}
+    return OmegaConf.to_container(cfg, resolve=True)["pipeline"]
+
+
+def make_module(speed_cfg: dict, pipeline: str = "A", width: int = 4, stage: bool = False) -> BratsModule:
+    """BratsModule with an EquiUnet, or (``stage``) a single conv-norm-ReLU stage 4 -> width -> 3 (the
+    compile test: inductor compiles it in seconds, the whole U-Net takes minutes on 2 cores)."""
+    torch.manual_seed(0)
+    pipe = pipeline_config(pipeline)
+    model = {"_target_": "brats_lightning.models.EquiUnet", "width": width, "norm": pipe["norm"]}
+    if stage:
+        model = {"_target_": "brats_lightning.models.blocks.Stage", "widths": [4, width, 3],
+                 "norm": pipe["norm"]}
+    return BratsModule(model, pipe, speed=speed_cfg)
+
+
+def make_batch(size: int = 24, device: str = "cpu") -> dict:
+    g = torch.Generator().manual_seed(1)
+    image = torch.randn(1, 4, size, size, size, generator=g)
+    target = torch.rand(1, 3, size, size, size, generator=g) > 0.6
+    return {"image": image.to(device), "target": target.to(device), "case_id": ["c0"]}
+
+
+def step(module: BratsModule, batch: dict, dtype: torch.dtype | None, device: str) -> tuple:
+    """Eval logits, then one training step's loss and gradients (as Lightning's automatic optimization)."""
+    module.eval()
+    with torch.no_grad(), torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+        logits = module(batch["image"]).float()
+    module.train()
+    module.zero_grad(set_to_none=True)
+    with torch.autocast(device, dtype=dtype or torch.float32, enabled=dtype is not None):
+        loss = module.training_step(batch, 0)["loss"]
+    loss.backward()
+    grads = {n: p.grad.detach().float().clone() for n, p in module.named_parameters()}
+    return logits, loss.detach().float(), grads
+
+
+def assert_same(a: tuple, b: tuple, tol: float) -> None:
+    """Logits, loss and every gradient equal within ``tol`` relative to the reference's scale."""
+    (la, lossa, ga), (lb, lossb, gb) = a, b
+    assert float((la - lb).abs().max()) <= tol * float(lb.abs().max())
+    assert abs(float(lossa) - float(lossb)) <= tol * max(1.0, abs(float(lossb)))
+    assert ga.keys() == gb.keys()
+    for name in gb:
+        err = float((ga[name] - gb[name]).norm())
+        scale = float(gb[name].norm())
+        assert err <= tol * scale + 1e-12, (name, err, scale)
+
+
+def _distances(result: tuple, reference: tuple) -> list[float]:
+    """Relative distances of (logits, loss, all gradients flattened) from a reference result."""
+    flat = [torch.cat([g.flatten() for g in r[2].values()]) for r in (result, reference)]
+    return [float((result[0] - reference[0]).abs().max() / reference[0].abs().max()),
+            abs(float(result[1] - reference[1])) / max(1.0, abs(float(reference[1]))),
+            float((flat[0] - flat[1]).norm() / flat[1].norm())]
+
+
+def assert_as_close_as_plain(fast: tuple, plain: tuple, reference: tuple) -> None:
+    """For 16-bit autocast: the switched path is as close to the fp32 reference as the plain 16-bit path
+    (at most twice its distance, plus 1e-3). bf16 gradients of a tiny network on random data are 10-20% off
+    fp32 either way, so a direct fast-vs-plain tolerance would have to be that loose."""
+    for got, allowed in zip(_distances(fast, reference), _distances(plain, reference), strict=True):
+        assert got <= 2 * allowed + 1e-3, (got, allowed)
+
+
+# ------------------------------------------------------------------------------------------ resolution
+def test_auto_choices_per_device() -> None:
+    cpu = speed.resolve_speed(None, "cpu", "32-true")
+    assert (cpu.memory_format, cpu.cudnn_benchmark, cpu.compile) == ("channels_last_3d", False, False)
+    cpu_bf16 = speed.resolve_speed(None, "cpu", "bf16-mixed")
+    assert cpu_bf16.memory_format == "channels_last_3d"
+    cuda = speed.resolve_speed({}, "cuda", "16-mixed")
+    assert (cuda.memory_format, cuda.cudnn_benchmark, cuda.compile) == ("contiguous", True, True)
+    assert speed.resolve_speed({}, "cuda", "16-mixed", deterministic=True).cudnn_benchmark is False
+    mps = speed.resolve_speed({}, "mps", "32-true")
+    assert (mps.memory_format, mps.cudnn_benchmark, mps.compile) == ("contiguous", False, False)
+    reasons = dict(cuda.reasons)
+    assert set(reasons) == {"memory_format", "cudnn_benchmark", "compile"} and "SPEC.md" in reasons["compile"]
+    assert "memory_format=contiguous" in cuda.describe() and "compile=True (mode default)" in cuda.describe()
+
+
+def test_explicit_values_win_over_auto() -> None:
+    plan = speed.resolve_speed({"memory_format": "contiguous", "cudnn_benchmark": "true", "compile": False},
+                               "cpu", "32-true")
+    assert (plan.memory_format, plan.cudnn_benchmark, plan.compile) == ("contiguous", True, False)
+    assert plan.reasons == ()  # nothing was automatic
+    plan = speed.resolve_speed({"memory_format": "channels_last_3d", "compile": "false"}, "cuda", "16-mixed")
+    assert (plan.memory_format, plan.compile) == ("channels_last_3d", False)
+
+
+def test_config_group_matches_the_dataclass_defaults() -> None:
+    yaml = OmegaConf.to_container(OmegaConf.load(CONF / "speed" / "default.yaml"))
+    assert speed.SpeedConfig.from_mapping(yaml) == speed.SpeedConfig()
+    assert "speed: default" in (CONF / "train.yaml").read_text()
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"memory_format": "nhwc"}, "memory_format"), ({"compile": "yes"}, "compile"),
+    ({"cudnn_benchmark": 2}, "cudnn_benchmark"), ({"compile_mode": "fast"}, "compile_mode"),
+    ({"fused_norm": True}, "unknown speed option"),
+])
+def test_bad_config_is_refused(bad: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        speed.SpeedConfig.from_mapping(bad)
+
+
+def test_compile_on_cpu_without_a_compiler_is_refused(monkeypatch, tmp_path) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # no g++ / c++ / clang++ there
+    with pytest.raises(ValueError, match="C\\+\\+ compiler"):
+        speed.resolve_speed({"compile": True}, "cpu", "32-true")
+    assert speed.resolve_speed({"compile": True}, "cuda", "16-mixed").compile
+
+
+# ------------------------------------------------------------------------------- compiled-net holder
+def test_compiled_net_is_not_a_submodule_and_copies_drop_it() -> None:
+    module = make_module({"compile": False}, width=4)
+    keys = list(module.state_dict())
+    module._compiled = speed.CompiledNet(module.net)  # torch.compile is lazy: nothing compiles here
+    assert list(module.state_dict()) == keys and all(k.startswith("net.") for k in keys if "loss" not in k)
+    assert not any("_orig_mod" in k for k in module.state_dict())
+    assert module._compiled.get(module.net) is not None
+    clone = copy.deepcopy(module)
+    assert clone._compiled.get(clone.net) is None and clone._compiled.get(module.net) is None
+    assert module._compiled.get(module.net) is not None  # the original keeps its compiled view
+
+
+def test_strip_compile_prefix_gives_the_plain_keys() -> None:
+    net = torch.nn.Sequential(torch.nn.Conv3d(1, 2, 1), torch.nn.GroupNorm(1, 2))
+    compiled = torch.compile(net)
+    assert all(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    assert list(speed.strip_compile_prefix(compiled.state_dict())) == list(net.state_dict())
+    assert speed.unwrap_compiled(compiled) is net and speed.unwrap_compiled(net) is net
+
+
+# ------------------------------------------------------------------------------------ equivalences
+CASES = [("A", "32-true", None), ("B", "32-true", None), ("A", "bf16-mixed", torch.bfloat16)]
+
+
+@pytest.mark.parametrize("pipeline, precision, dtype", CASES)
+def test_channels_last_matches_the_plain_path(pipeline: str, precision: str, dtype) -> None:
+    if dtype is torch.bfloat16 and not cpu_supports_bf16():
+        pytest.skip("CPU without native bf16")
+    batch = make_batch()
+    plain = make_module({"memory_format": "contiguous", "compile": False}, pipeline)
+    fast = make_module({"memory_format": "channels_last_3d", "compile": False}, pipeline)
+    assert plain.apply_speed("cpu", precision).memory_format == "contiguous"
+    assert fast.apply_speed("cpu", precision).memory_format == "channels_last_3d"
+    conv = fast.net.encoder1.block1.conv.weight
+    assert conv.is_contiguous(memory_format=torch.channels_last_3d) and not conv.is_contiguous()
+    result_fast = step(fast, batch, dtype, "cpu")
+    result_plain = step(plain, batch, dtype, "cpu")
+    if dtype is None:
+        assert_same(result_fast, result_plain, 1e-4)
+        return
+    reference = make_module({"memory_format": "contiguous", "compile": False}, pipeline)
+    result_fp32 = step(reference, batch, None, "cpu")
+    assert_as_close_as_plain(result_fast, result_plain, result_fp32)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cudnn_benchmark_matches_the_plain_path(device: str) -> None:
+    batch = make_batch(device=device)
+    before = torch.backends.cudnn.benchmark
+    try:
+        results = []
+        for on in (False, True):
+            module = make_module({"memory_format": "contiguous", "compile": False, "cudnn_benchmark": on},
+                                 width=4).to(device)
+            plan = module.apply_speed(device, "32-true")
+            torch.backends.cudnn.benchmark = plan.cudnn_benchmark  # what Trainer(benchmark=...) sets
+            assert plan.cudnn_benchmark is on
+            results.append(step(module, batch, None, device))
+    finally:
+        torch.backends.cudnn.benchmark = before
+    assert_same(results[1], results[0], 0.0 if device == "cpu" else 1e-4)
+
+
+def test_inference_net_matches_the_plain_network() -> None:
+    plain = make_module({}, width=4).net.eval()
+    fast = speed.InferenceNet(copy.deepcopy(plain), speed.resolve_speed(
+        {"memory_format": "channels_last_3d", "compile": False}, "cpu", "32-true")).eval()
+    x = make_batch(16)["image"]
+    with torch.no_grad():
+        expected, got = plain(x), fast(x)
+    assert fast.net.encoder1.block1.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
+class _Crops(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict:
+        batch = make_batch()
+        return {"image": batch["image"][0], "target": batch["target"][0], "case_id": "c0"}
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not HAS_CXX, reason="torch.compile on CPU needs a C++ compiler")
+def test_compiled_training_matches_eager_and_checkpoints_stay_plain(tmp_path) -> None:
+    """The one compile test: compiled (inductor) vs eager logits / loss / gradients, then a real Trainer step
+    with compile + channels_last_3d, a checkpoint with plain ``net.*`` keys, and the inference loader
+    reading it. The network is one conv-GroupNorm-ReLU stage: the module's compile plumbing is the same for
+    any network, and the whole U-Net compiles for minutes on 2 cores (benchmarks/run_all.py --compile
+    compares its compiled and eager first-step losses)."""
+    from brats_lightning.inference.runs import Run, load_network
+
+    batch = make_batch()
+    eager = make_module({"memory_format": "contiguous", "compile": False}, width=8, stage=True)
+    fast = make_module({"memory_format": "channels_last_3d", "compile": True}, width=8, stage=True)
+    eager.apply_speed("cpu", "32-true")
+    plan = fast.apply_speed("cpu", "32-true")
+    assert plan.compile and fast._compiled is not None
+    expected = step(eager, batch, None, "cpu")
+    # step() takes eval logits from the eager network (validation never compiles) and the loss / gradients
+    # from the compiled training forward.
+    got = step(fast, batch, None, "cpu")
+    assert_same(got, expected, 1e-4)
+
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=1, limit_val_batches=0, logger=False,
+                         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                         precision="32-true", default_root_dir=tmp_path)
+    loader = torch.utils.data.DataLoader(_Crops(), batch_size=1, collate_fn=collate_cases)
+    trainer.fit(fast, train_dataloaders=loader)
+    assert fast.speed_plan is plan  # configure_model kept the plan (same device and precision)
+    ckpt = tmp_path / "checkpoints" / "last.ckpt"
+    trainer.save_checkpoint(ckpt)
+    state = torch.load(ckpt, map_location="cpu", weights_only=False)["state_dict"]
+    assert state and all(k.startswith("net.") for k in state) and not any("_orig_mod" in k for k in state)
+
+    info = {"pipeline": "A", "model": "equiunet", "fold": 0, "normalization": "minmax",
+            "label_convention": "brats2020", "channels": ["t1", "t1ce", "t2", "flair"],
+            "model_config": fast.hparams["model_config"], "checkpoints": {"last": str(ckpt)}}
+    (tmp_path / "run.json").write_text(json.dumps(info))
+    net = load_network(Run(tmp_path / "run.json", info), "last")
+    for name, value in net.state_dict().items():
+        torch.testing.assert_close(value, fast.net.state_dict()[name], rtol=0, atol=0)
+    with torch.no_grad():
+        torch.testing.assert_close(net(batch["image"]), fast.eval()(batch["image"]), rtol=1e-4, atol=1e-5)
