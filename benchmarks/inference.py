@@ -48,7 +48,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"device": "cuda", "width": 48, "shape": "144,176,144", "tta": "all", "view_batch": "1,8",
               "n_models": "1,5", "precision": "auto", "memory_format": "contiguous", "compile": "both",
               "repeats": 3},
-    "tiny": {"device": "cpu", "width": 4, "shape": "24,32,24", "tta": "none,flips", "view_batch": "4",
+    "tiny": {"device": "cpu", "width": 4, "shape": "16,24,16", "tta": "none,flips", "view_batch": "4",
              "n_models": "1,2", "precision": "fp32", "memory_format": "contiguous,channels_last_3d",
              "compile": "no", "repeats": 1},
 }

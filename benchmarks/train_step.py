@@ -61,7 +61,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "paper": {"device": "cuda", "models": "equiunet,attequiunet", "width": 48, "sizes": "128",
               "precision": "16-mixed,bf16-mixed", "memory_format": "contiguous", "compile": "both",
               "warmup": 5, "steps": 20},
-    "tiny": {"device": "cpu", "models": "equiunet", "width": 4, "sizes": "32", "precision": "32-true",
+    "tiny": {"device": "cpu", "models": "equiunet", "width": 4, "sizes": "24", "precision": "32-true",
              "memory_format": "contiguous,channels_last_3d", "compile": "no", "warmup": 1, "steps": 2},
 }
 COLUMNS = ["model", "pipeline", "width", "size", "batch", "precision", "memory format", "compile",
