@@ -106,6 +106,29 @@ class _AppendingWriter(ExperimentWriter):
                 header = f.readline().strip()
             self.metrics_keys = sorted(k for k in header.split(",") if k)
 
+    def save(self) -> None:
+        """Lightning's ``save``, except that the header on disk is compared with the keys every time.
+
+        Lightning extends its key list before it rewrites the header; a job interrupted during that rewrite
+        (e.g. the SIGTERM of a SLURM requeue) then appends its last rows, when the logger is finalized, under
+        the old, shorter header. Re-reading the header makes the rows and the header always agree.
+        """
+        if not self.metrics:
+            return
+        self._record_new_keys()
+        path = Path(self.metrics_file_path)
+        if path.is_file():
+            with open(path, newline="") as f:
+                header = next(csv.reader(f), [])
+            if header != self.metrics_keys:
+                self._rewrite_with_new_header(self.metrics_keys)
+        with open(path, "a", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=self.metrics_keys)
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerows(self.metrics)
+        self.metrics = []
+
     def _rewrite_with_new_header(self, fieldnames: list[str]) -> None:
         with open(self.metrics_file_path, newline="") as f:
             metrics = list(csv.DictReader(f))
