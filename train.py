@@ -103,7 +103,7 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from brats_lightning.module import BratsModule
     from brats_lightning.precision import resolve_precision, runs_on_cpu
     from brats_lightning.runs import callback_records, merge_records, write_run_record
-    from brats_lightning.speed import resolve_speed
+    from brats_lightning.speed import apply_threads, resolve_speed
 
     env_mode = os.environ.get("WANDB_MODE")  # restored at the end (WandbLogger(offline=True) changes it)
     run_dir = Path(cfg.paths.run_dir).resolve()
@@ -122,10 +122,12 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "32-true"),
                                                     trainer_kwargs.get("accelerator", "auto"),
                                                     crop if isinstance(crop, int) else list(crop))
-    if trainer_kwargs.get("benchmark") is None:  # speed.cudnn_benchmark (auto: on for CUDA; speed.py)
-        trainer_kwargs["benchmark"] = resolve_speed(
-            cfg.get("speed"), "cpu" if runs_on_cpu(trainer_kwargs.get("accelerator")) else "cuda",
-            trainer_kwargs["precision"], bool(trainer_kwargs.get("deterministic"))).cudnn_benchmark
+    speed_plan = resolve_speed(  # the module applies memory format / compile itself (configure_model)
+        cfg.get("speed"), "cpu" if runs_on_cpu(trainer_kwargs.get("accelerator")) else "cuda",
+        trainer_kwargs["precision"], bool(trainer_kwargs.get("deterministic")))
+    if trainer_kwargs.get("benchmark") is None:  # speed.cudnn_benchmark (auto: on for CUDA)
+        trainer_kwargs["benchmark"] = speed_plan.cudnn_benchmark
+    apply_threads(speed_plan)  # speed.num_threads (null: torch's default)
     trainer_kwargs = {k: v for k, v in trainer_kwargs.items() if v is not None}
     # RandomStateCheckpoint: RNG states in every checkpoint, so resumed runs draw as uninterrupted ones do
     trainer = pl.Trainer(**trainer_kwargs, callbacks=[*callbacks.values(), RandomStateCheckpoint()],

@@ -116,13 +116,15 @@ def inference_configs(gpu: bool, tiny: bool) -> tuple[list[str], dict[str, tuple
 # ---------------------------------------------------------------------------------------------- running
 def run_train(configs: dict[str, StepConfig], device: torch.device, gpu: bool, tiny: bool, record: bool,
               command: str) -> dict[str, dict[str, Any]]:
-    warmup, steps = (1, 1) if tiny else (5, 20) if gpu else (2, 5)
+    # CPU: two round-robin rounds, so that a load changing during the run weighs on every row alike
+    warmup, steps, rounds = (1, 1, 1) if tiny else (5, 20, 1) if gpu else (2, 3, 2)
     unique = list(dict.fromkeys(configs.values()))
-    rows = dict(zip(unique, train_step.run_configs(unique, device, warmup, steps), strict=True))
+    timed = train_step.run_configs(unique, device, warmup, steps, rounds=rounds)
+    rows = dict(zip(unique, timed, strict=True))
     info = describe_device(device)
-    finish("train_step", info, {"command": command, "warmup": warmup, "steps": steps}, train_step.COLUMNS,
-           list(rows.values()), f"train step through Trainer.fit(BratsModule) ({info['label']}; warm-up "
-           f"{warmup}, median of {steps})", not record)
+    finish("train_step", info, {"command": command, "warmup": warmup, "steps": steps, "rounds": rounds},
+           train_step.COLUMNS, list(rows.values()), f"train step through Trainer.fit(BratsModule) "
+           f"({info['label']}; warm-up {warmup}, median of {steps} x {rounds} round(s))", not record)
     return {name: rows[cfg] for name, cfg in configs.items()}
 
 

@@ -199,34 +199,50 @@ def bench_config(cfg: StepConfig, device: torch.device, warmup: int, steps: int,
         return row
     finally:
         del trainer
-    timed = timer.step_s[warmup:]
-    median = statistics.median(timed)
-    iterations = timer.iteration_s[max(warmup - 1, 0):]  # iteration_s[i]: batch end i -> batch end i + 1
-    row.update({
-        "step ms": round(median * 1e3, 1), "min ms": round(min(timed) * 1e3, 1),
-        "iteration ms": round(statistics.median(iterations) * 1e3, 1) if iterations else None,
-        "first step s": round(timer.step_s[0], 2), "first loss": round(timer.losses[0], 5),
-        "TFLOP/s": round(flops / median / 1e12, 3),
-        "peak GiB": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda"
-                     else None),
-    })
+    row.update({"_step_s": timer.step_s[warmup:], "_flops": flops,
+                "_iteration_s": timer.iteration_s[max(warmup - 1, 0):],  # [i]: batch end i -> end i + 1
+                "first step s": round(timer.step_s[0], 2), "first loss": round(timer.losses[0], 5),
+                "peak GiB": (round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+                             if device.type == "cuda" else None)})
     if not all(abs(v) < float("inf") for v in timer.losses):  # False for NaN too
         log.warning("%s: non-finite loss in %s", cfg, timer.losses)
+    return _summarize(row)
+
+
+def _summarize(row: dict[str, Any]) -> dict[str, Any]:
+    """Fill the timing columns from the raw timed steps (``_step_s``, ``_iteration_s``)."""
+    timed, iterations = row["_step_s"], row["_iteration_s"]
+    median = statistics.median(timed)
+    row.update({"step ms": round(median * 1e3, 1), "min ms": round(min(timed) * 1e3, 1),
+                "iteration ms": round(statistics.median(iterations) * 1e3, 1) if iterations else None,
+                "TFLOP/s": round(row["_flops"] / median / 1e12, 3)})
     return row
 
 
 def run_configs(configs: list[StepConfig], device: torch.device, warmup: int, steps: int,
-                compile_mode: str | None = None) -> list[dict[str, Any]]:
-    """Time every configuration in turn (memory released and dynamo reset between them)."""
-    rows = []
-    for i, cfg in enumerate(configs, start=1):
-        log.info("[%d/%d] %s", i, len(configs), asdict(cfg))
-        rows.append(bench_config(cfg, device, warmup, steps, compile_mode))
-        gc.collect()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
-        if cfg.compile:
-            torch._dynamo.reset()
+                compile_mode: str | None = None, rounds: int = 1) -> list[dict[str, Any]]:
+    """Time every configuration in turn (memory released and dynamo reset between them).
+
+    With ``rounds`` > 1 the whole list runs again round-robin and each row pools the timed steps of all
+    rounds (its first-step time and loss stay those of round 1): on a shared machine, a load that changes
+    during the run then weighs on every configuration alike.
+    """
+    rows: list[dict[str, Any]] = []
+    for r in range(rounds):
+        for i, cfg in enumerate(configs):
+            log.info("[round %d/%d, %d/%d] %s", r + 1, rounds, i + 1, len(configs), asdict(cfg))
+            row = bench_config(cfg, device, warmup, steps, compile_mode)
+            if r == 0:
+                rows.append(row)
+            elif "_step_s" in row and "_step_s" in rows[i]:
+                rows[i]["_step_s"] += row["_step_s"]
+                rows[i]["_iteration_s"] += row["_iteration_s"]
+                _summarize(rows[i])
+            gc.collect()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
+            if cfg.compile:
+                torch._dynamo.reset()
     return rows
 
 
@@ -249,6 +265,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile-mode", help="torch.compile mode (default: torch's default)")
     p.add_argument("--warmup", type=int, help="untimed steps per configuration")
     p.add_argument("--steps", type=int, help="timed steps per configuration")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="run the configurations round-robin this many times, pooling their steps")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--no-record", action="store_true", help="print only: no JSON, no RESULTS.md row")
     args = p.parse_args(argv)
@@ -282,9 +300,11 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         torch.set_num_threads(args.threads)
     device = check_device(args.device)
     info = describe_device(device)
-    rows = run_configs(configs_from_args(args), device, args.warmup, args.steps, args.compile_mode)
+    rows = run_configs(configs_from_args(args), device, args.warmup, args.steps, args.compile_mode,
+                       args.rounds)
+    rounds = f" x {args.rounds} rounds" if args.rounds > 1 else ""
     title = (f"train step through Trainer.fit(BratsModule) ({info['label']}; warm-up {args.warmup}, "
-             f"median of {args.steps})")
+             f"median of {args.steps}{rounds})")
     finish("train_step", info, vars(args), COLUMNS, rows, title, args.no_record)
     return rows
 

@@ -1,25 +1,31 @@
-"""Speed switches for training: memory format, cuDNN autotuning, ``torch.compile`` (issue 7).
+"""Speed switches for training: memory format, norm layout, cuDNN autotuning, ``torch.compile``, threads.
 
-Each switch is a key of the ``speed`` config group (conf/speed/default.yaml) that takes ``auto`` or an
-explicit value. :func:`resolve_speed` turns the config into a :class:`SpeedPlan` for the device and precision
-that will train, with the reason for every automatic choice; :class:`~brats_lightning.module.BratsModule`
-applies the plan in ``configure_model`` (before the optimizer exists) and train.py passes the cuDNN choice to
-the Trainer. What ``auto`` picks, and why (SPEC.md "Measured anchors"; docs/performance.md):
+Issue 7. Each switch is a key of the ``speed`` config group (conf/speed/default.yaml) that takes ``auto`` or
+an explicit value. :func:`resolve_speed` turns the config into a :class:`SpeedPlan` for the device and
+precision that will train, with the reason for every automatic choice; :class:`~brats_lightning.module.
+BratsModule` applies the plan in ``configure_model`` (before the optimizer exists) and train.py passes the
+cuDNN choice to the Trainer and sets the thread count. What ``auto`` picks, and why (SPEC.md "Measured
+anchors"; benchmarks/RESULTS.md; docs/performance.md):
 
 - ``memory_format``: ``channels_last_3d`` (NDHWC) on CPU, where oneDNN's 3D convolutions run faster with it
-  for the small demo U-Nets in fp32 and in bf16 (benchmarks/RESULTS.md); ``contiguous`` on CUDA, where it
-  made the H200 step slower (60 vs 42 ms compiled, 106 vs 82 ms eager) and on other devices.
+  for the demo U-Nets in fp32 and bf16; ``contiguous`` on CUDA, where it made the H200 step slower (60 vs
+  42 ms compiled, 106 vs 82 ms eager), and on other devices.
+- ``contiguous_norms``: with channels_last_3d on CPU, GroupNorm / InstanceNorm run on contiguous copies
+  (forward hooks, :func:`set_contiguous_norms`): the channels-last GroupNorm kernel is up to 19x slower in
+  bf16 (8 channels, 64^3, forward + backward), enough to make channels_last_3d a loss for pipeline A.
 - ``cudnn_benchmark``: on for CUDA (one autotuning pass per input shape; training crops have one shape),
   off elsewhere and whenever the trainer is deterministic.
 - ``compile``: ``torch.compile`` of the network's training forward on CUDA (SPEC.md: 82 -> 42 ms per
   w=48 step in fp16); off on CPU, where the compilation time (minutes on 2 cores) outweighs what a
   few-minute demo gains.
+- ``num_threads``: left to torch (one per core) unless set; 1 is far faster when several trainings share
+  the cores (OpenMP regions wait for descheduled threads).
 
 Not provided, on purpose: a fused GroupNorm/InstanceNorm + ReLU layer (eager PyTorch has no fused kernel to
-call, a Python ``autograd.Function`` still makes the same memory passes, and inductor already fuses the
-norm's elementwise tail with the ReLU when ``compile`` is on), and CUDA graphs (``compile_mode:
-reduce-overhead``) as a default: they can't be tested on the CPU-only machine this suite is built on;
-the mode is passed through untested for those who want to try it.
+call; ReLU is 1-3% of a CPU demo step, and a Python ``autograd.Function`` would still make the same memory
+passes; inductor already fuses the norm's elementwise tail with the ReLU when ``compile`` is on), and CUDA
+graphs (``compile_mode: reduce-overhead``) as a default: they can't be tested on the CPU-only machine this
+suite is built on; the mode is passed through, untested, for those who want to try it.
 
 The compiled callable is kept outside the module tree (see :class:`CompiledNet`), so checkpoints keep
 ``net.<param>`` keys with no ``_orig_mod.`` and the inference loader reads them unchanged.
@@ -70,6 +76,12 @@ class SpeedConfig:
             "reduce-overhead" uses CUDA graphs and is untested here).
         compile_dynamic: ``torch.compile``'s ``dynamic`` (False: static shapes; training crops have one
             shape, a smaller last batch compiles one more graph).
+        contiguous_norms: "auto" (on with channels_last_3d on the CPU), True or False: with a
+            channels_last_3d network, run GroupNorm / InstanceNorm on contiguous copies (forward hooks;
+            parameters and checkpoints unchanged). oneDNN's channels-last GroupNorm is up to 19x slower than
+            the contiguous kernel in bf16 on the CPU, which made channels_last_3d a loss for pipeline A.
+        num_threads: torch CPU threads for training (None: torch's default, one per core). 1 is much faster
+            when several trainings share the cores: OpenMP regions then wait for descheduled threads.
     """
 
     memory_format: str = AUTO
@@ -77,6 +89,8 @@ class SpeedConfig:
     compile: bool | str = AUTO
     compile_mode: str | None = None
     compile_dynamic: bool | None = False
+    contiguous_norms: bool | str = AUTO
+    num_threads: int | None = None
 
     def __post_init__(self) -> None:
         if self.memory_format != AUTO and self.memory_format not in MEMORY_FORMATS:
@@ -84,6 +98,9 @@ class SpeedConfig:
                              f"{' or '.join(MEMORY_FORMATS)} (conf/speed/default.yaml)")
         object.__setattr__(self, "cudnn_benchmark", _auto_or_bool("cudnn_benchmark", self.cudnn_benchmark))
         object.__setattr__(self, "compile", _auto_or_bool("compile", self.compile))
+        object.__setattr__(self, "contiguous_norms", _auto_or_bool("contiguous_norms", self.contiguous_norms))
+        if self.num_threads is not None and (isinstance(self.num_threads, bool) or int(self.num_threads) < 1):
+            raise ValueError(f"speed.num_threads={self.num_threads!r}: expected null or a positive integer")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"speed.compile_mode={self.compile_mode!r}: expected null or one of "
                              f"{[m for m in COMPILE_MODES if m]} (torch.compile modes)")
@@ -115,6 +132,8 @@ class SpeedPlan:
         compile: compile the network for training steps.
         compile_mode: ``torch.compile`` mode.
         compile_dynamic: ``torch.compile`` ``dynamic``.
+        contiguous_norms: run the norm layers of a channels_last_3d network on contiguous copies.
+        num_threads: torch CPU threads (None: leave torch's setting).
         reasons: switch -> why it has its value (logged once).
     """
 
@@ -125,6 +144,8 @@ class SpeedPlan:
     compile: bool = False
     compile_mode: str | None = None
     compile_dynamic: bool | None = False
+    contiguous_norms: bool = False
+    num_threads: int | None = None
     reasons: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -135,8 +156,10 @@ class SpeedPlan:
     def describe(self) -> str:
         """One line: every switch with its value and reason."""
         compiled = f"True (mode {self.compile_mode or 'default'})" if self.compile else False
-        values = {"memory_format": self.memory_format, "cudnn_benchmark": self.cudnn_benchmark,
-                  "compile": compiled}
+        values = {"memory_format": self.memory_format, "contiguous_norms": self.contiguous_norms,
+                  "cudnn_benchmark": self.cudnn_benchmark, "compile": compiled}
+        if self.num_threads is not None:
+            values["num_threads"] = self.num_threads
         why = dict(self.reasons)
         return "; ".join(f"{k}={v} ({why[k]})" if k in why else f"{k}={v}" for k, v in values.items())
 
@@ -179,13 +202,21 @@ def resolve_speed(
     if memory_format == AUTO:
         if device_type == "cpu":
             memory_format = "channels_last_3d"
-            reasons.append(("memory_format", "auto: faster oneDNN Conv3d on CPU in fp32 and bf16, "
-                                             "benchmarks/RESULTS.md"))
+            reasons.append(("memory_format", "auto: faster oneDNN Conv3d on CPU in fp32 and bf16 "
+                                             "(with contiguous norms), benchmarks/RESULTS.md"))
         else:
             memory_format = "contiguous"
             why = ("auto: channels_last_3d slowed the H200 step (SPEC.md anchors)" if device_type == "cuda"
                    else f"auto: not measured on {device_type}")
             reasons.append(("memory_format", why))
+
+    norms = cfg.contiguous_norms
+    if norms == AUTO:
+        norms = memory_format == "channels_last_3d" and device_type == "cpu"
+        if memory_format == "channels_last_3d":
+            why = ("auto: channels-last GroupNorm is slow on CPU (bf16 up to 19x)" if norms
+                   else f"auto: not measured on {device_type}")
+            reasons.append(("contiguous_norms", why))
 
     benchmark = cfg.cudnn_benchmark
     if benchmark == AUTO:
@@ -209,17 +240,92 @@ def resolve_speed(
                          "none is on PATH: install one or set speed.compile=false")
     return SpeedPlan(device_type=device_type, precision=precision, memory_format=memory_format,
                      cudnn_benchmark=bool(benchmark), compile=bool(compiled), compile_mode=cfg.compile_mode,
-                     compile_dynamic=cfg.compile_dynamic, reasons=tuple(reasons))
+                     compile_dynamic=cfg.compile_dynamic,
+                     contiguous_norms=bool(norms) and memory_format == "channels_last_3d",
+                     num_threads=None if cfg.num_threads is None else int(cfg.num_threads),
+                     reasons=tuple(reasons))
+
+
+NORM_TYPES = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+INSTANCE_NORMS = (nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
+_HOOKS_ATTR = "_speed_contiguous_norm_hooks"
+
+
+class _ToChannelsLast(torch.autograd.Function):
+    """``x.contiguous(memory_format=channels_last_3d)`` whose backward hands a contiguous gradient on.
+
+    A plain ``.contiguous(memory_format=...)`` passes the channels-last gradient of the next convolution
+    through unchanged, and InstanceNorm3d's CPU backward is wrong for channels-last gradients at batch
+    size 1 (torch 2.13; tests/test_speed.py pins it), so the norm must receive a contiguous one.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor) -> torch.Tensor:
+        return x.contiguous(memory_format=torch.channels_last_3d)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> torch.Tensor:
+        return grad.contiguous()
+
+
+def _contiguous_input(module: nn.Module, args: tuple) -> tuple:
+    """Forward pre-hook: the norm's input as a contiguous tensor."""
+    return tuple(a.contiguous() if isinstance(a, torch.Tensor) else a for a in args)
+
+
+def _channels_last_output(module: nn.Module, args: tuple, output: Any) -> Any:
+    """Forward hook: a 5-D norm output back in channels_last_3d (what the next convolution wants), with a
+    contiguous gradient for the norm's backward (:class:`_ToChannelsLast`)."""
+    if isinstance(output, torch.Tensor) and output.ndim == 5:
+        return _ToChannelsLast.apply(output)
+    return output
+
+
+def set_contiguous_norms(net: nn.Module, enabled: bool, types: tuple[type, ...] = NORM_TYPES) -> int:
+    """Install (or remove) the contiguous-norm hooks on the norm layers of ``net`` of the given ``types``.
+
+    The norm then computes on a contiguous copy of its input and hands a channels_last_3d output on; hooks
+    change no parameter or ``state_dict`` key. Hooks of earlier calls are removed first (no duplicates).
+
+    Returns:
+        The number of norm layers hooked.
+    """
+    count = 0
+    for module in net.modules():
+        if not isinstance(module, NORM_TYPES):
+            continue
+        handles = module.__dict__.pop(_HOOKS_ATTR, None)
+        if handles is not None:
+            for handle in handles:
+                handle.remove()
+        if enabled and isinstance(module, types):
+            module.__dict__[_HOOKS_ATTR] = (module.register_forward_pre_hook(_contiguous_input),
+                                            module.register_forward_hook(_channels_last_output))
+            count += 1
+    return count
 
 
 def convert_module(net: nn.Module, plan: SpeedPlan) -> nn.Module:
-    """Put ``net``'s parameters and buffers in the plan's memory format (in place; returns ``net``).
+    """Put ``net``'s parameters and buffers in the plan's memory format and install the contiguous-norm
+    hooks (in place; returns ``net``).
 
-    Parameters keep their identity (``Module.to`` replaces ``.data``), so an existing optimizer still works.
+    With channels_last_3d, the hooks go on every norm layer when ``plan.contiguous_norms`` is on, and on the
+    InstanceNorm layers in any case: their CPU backward is wrong for channels-last gradients at batch size 1
+    (torch 2.13), and the hooks hand them contiguous ones. Parameters keep their identity (``Module.to``
+    replaces ``.data``), so an existing optimizer still works.
     """
-    if plan.memory_format != "contiguous":
-        net.to(memory_format=plan.torch_memory_format)
+    net.to(memory_format=plan.torch_memory_format)
+    channels_last = plan.memory_format == "channels_last_3d"
+    set_contiguous_norms(net, channels_last, NORM_TYPES if plan.contiguous_norms else INSTANCE_NORMS)
     return net
+
+
+def apply_threads(plan: SpeedPlan) -> int:
+    """Set torch's CPU thread count to ``plan.num_threads`` (when set); returns the previous count."""
+    previous = torch.get_num_threads()
+    if plan.num_threads is not None:
+        torch.set_num_threads(plan.num_threads)
+    return previous
 
 
 def convert_input(x: torch.Tensor, plan: SpeedPlan | None) -> torch.Tensor:
