@@ -136,14 +136,16 @@ def record(
     Args:
         name: benchmark name (file stem of the script), used in the JSON file name and the heading.
         info: :func:`describe_device` output.
-        args: the run's settings (e.g. ``vars(argparse_namespace)``).
+        args: the run's settings (e.g. ``vars(argparse_namespace)``); ``args["command"]`` (if set) is the
+            command line shown, else ``python -m benchmarks.<name>`` with ``args["argv"]`` or ``sys.argv``.
         columns: table column names.
         rows: table rows, one value per column.
 
     Returns:
         (JSON path, RESULTS.md path).
     """
-    command = "python -m benchmarks." + name + " " + shlex.join(args.get("argv") or sys.argv[1:])
+    command = args.get("command") or (
+        "python -m benchmarks." + name + " " + shlex.join(args.get("argv") or sys.argv[1:]))
     payload = {"benchmark": name, "time_utc": _stamp(), "command": command.strip(), "device": info,
                "args": args, "columns": list(columns), "rows": [list(r) for r in rows]}
     json_path = save_json(name, payload)
