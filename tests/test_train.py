@@ -69,11 +69,12 @@ def test_best_checkpoint_keeps_best_epoch_not_final_weights(synthetic_root, tmp_
     pipe = OmegaConf.to_container(cfg, resolve=True)["pipeline"]
     net_cfg = {"_target_": "brats_lightning.models.EquiUnet", "width": 4, "norm": pipe["norm"]}
     module = BratsModule(net_cfg, pipe)
-    dm = BratsDataModule(synthetic_root, fold=0, cache_dir=tmp_path / "cache", crop_size=32)
+    dm = BratsDataModule(synthetic_root, fold=0, cache_dir=tmp_path / "cache", crop_size=16)
     snap = _ScoreAndSnapshot()
     ckpt_dir = tmp_path / "checkpoints"
     trainer = pl.Trainer(accelerator="cpu", precision="32-true", max_epochs=3, limit_train_batches=2,
-                         logger=False, enable_progress_bar=False, enable_model_summary=False,
+                         limit_val_batches=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False,
                          callbacks=[snap, best_checkpoint(ckpt_dir, monitor="test/score", mode="min"),
                                     last_checkpoint(ckpt_dir)],
                          plugins=[AtomicCheckpointIO()], default_root_dir=tmp_path)
