@@ -99,5 +99,5 @@ def test_cpu_path_runs_tiny(results_dir: Path) -> None:
     checks = run_all.run(run_all.parse_args(["--tiny", "--only", "train_step,inference", "--no-record"]))
     names = [c.check for c in checks]
     assert "channels_last_3d speed-up, fp32" in names
-    assert sum(n.startswith("inference per case, 8 views") for n in names) == 4
+    assert sum(n.startswith("inference per case, 8 views") for n in names) == 3
     assert not (results_dir / "RESULTS.md").exists()  # --no-record
