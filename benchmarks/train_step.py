@@ -34,7 +34,7 @@ import logging
 import statistics
 import time
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import pytorch_lightning as pl
@@ -64,7 +64,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "tiny": {"device": "cpu", "models": "equiunet", "width": 4, "sizes": "24", "precision": "32-true",
              "memory_format": "contiguous,channels_last_3d", "compile": "no", "warmup": 1, "steps": 2},
 }
-COLUMNS = ["model", "pipeline", "width", "size", "batch", "precision", "memory format", "compile",
+COLUMNS = ["model", "pipeline", "width", "size", "batch", "precision", "memory format", "norms", "compile",
            "optimizer", "step ms", "min ms", "iteration ms", "first step s", "first loss", "GFLOP/step",
            "TFLOP/s", "peak GiB"]
 
@@ -82,6 +82,7 @@ class StepConfig:
     compile: bool = False
     pipeline: str = "A"
     optimizer: str = "adam"
+    contiguous_norms: str = "auto"
 
 
 class StepTimer(pl.Callback):
@@ -179,8 +180,10 @@ def bench_config(cfg: StepConfig, device: torch.device, warmup: int, steps: int,
     row["GFLOP/step"] = round(flops / 1e9, 1)
     model_config, pipeline = module_configs(cfg, epochs=1)
     speed = {"memory_format": cfg.memory_format, "compile": cfg.compile, "compile_mode": compile_mode,
-             "cudnn_benchmark": "auto"}
+             "cudnn_benchmark": "auto", "contiguous_norms": cfg.contiguous_norms}
     plan = resolve_speed(speed, device.type, cfg.precision)
+    channels_last = plan.memory_format != "contiguous"
+    row["norms"] = ("contiguous" if plan.contiguous_norms else "native") if channels_last else "-"
     pl.seed_everything(0, verbose=False)
     module = BratsModule(model_config, pipeline, speed=speed)
     loader = DataLoader(FixedCrops(cfg.batch * (warmup + steps), cfg.size), batch_size=cfg.batch,
@@ -262,6 +265,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--precision", help="comma list of 32-true (fp32), bf16-mixed, 16-mixed (CUDA)")
     p.add_argument("--memory-format", help="comma list of contiguous, channels_last_3d")
     p.add_argument("--compile", choices=["no", "yes", "both"], help="torch.compile the training forward")
+    p.add_argument("--contiguous-norms", default="auto",
+                   help="comma list of auto, true, false: speed.contiguous_norms (channels_last_3d only)")
     p.add_argument("--compile-mode", help="torch.compile mode (default: torch's default)")
     p.add_argument("--warmup", type=int, help="untimed steps per configuration")
     p.add_argument("--steps", type=int, help="timed steps per configuration")
@@ -280,6 +285,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     csv_list(args.precision, PRECISIONS, "precision")
     args.memory_format = csv_list(args.memory_format, MEMORY_FORMATS, "memory format")
     args.sizes = csv_list(args.sizes, None, "size", int)
+    args.contiguous_norms = csv_list(args.contiguous_norms, ["auto", "true", "false"], "contiguous norms")
     if any(s % 8 for s in args.sizes):
         raise SystemExit(f"train_step: --sizes {args.sizes}; every side must be a multiple of 8")
     return args
@@ -288,10 +294,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def configs_from_args(args: argparse.Namespace) -> list[StepConfig]:
     """The cartesian product of the command line's lists."""
     compile_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
-    return [StepConfig(model, args.width, size, args.batch, precision, fmt, compiled, args.pipeline,
-                       args.optimizer)
-            for model, size, precision, fmt, compiled in itertools.product(
-                args.models, args.sizes, args.precision, args.memory_format, compile_modes)]
+    configs = [StepConfig(model, args.width, size, args.batch, precision, fmt, compiled, args.pipeline,
+                          args.optimizer, norms)
+               for model, size, precision, fmt, norms, compiled in itertools.product(
+                   args.models, args.sizes, args.precision, args.memory_format, args.contiguous_norms,
+                   compile_modes)]
+    # contiguous networks have no norm hooks: keep one configuration of each
+    return list(dict.fromkeys(c if c.memory_format != "contiguous" else replace(c, contiguous_norms="auto")
+                              for c in configs))
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:

@@ -82,8 +82,9 @@ def test_gpu_path_runs_tiny_on_cpu(results_dir: Path, synthetic_root: Path) -> N
     assert text.count(f"torch {torch.__version__}") == 6 and "python -m benchmarks.run_all --gpu" in text
     payloads = {p.name.split("-")[0]: json.loads(p.read_text()) for p in (results_dir / "results").iterdir()}
     assert sorted(payloads) == ["cache", "data_loader", "inference", "metrics", "run_all", "train_step"]
-    train = {(r[0], r[6], r[8]): dict(zip(payloads["train_step"]["columns"], r, strict=True))
-             for r in payloads["train_step"]["rows"]}
+    columns = payloads["train_step"]["columns"]
+    rows = [dict(zip(columns, r, strict=True)) for r in payloads["train_step"]["rows"]]
+    train = {(r["model"], r["memory format"], r["optimizer"]): r for r in rows}
     eager = train[("equiunet", "contiguous", "adam")]
     # Same seed, weights and batch: the first loss comes before any optimizer step, so the optimizer can't
     # change it, and the memory format only changes rounding.
