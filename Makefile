@@ -31,8 +31,8 @@ train: install  ## one training job (or a sweep): make train ARGS="-m fold=0,1,2
 # The CPU demo: 20 synthetic cases at 2 mm (generated on first use), pipelines A and B on fold 0, then the
 # out-of-fold ensembles of both pipelines on fold 0's validation cases, their merge, and the BraTS scores.
 demo: install  ## train A and B on synthetic data, ensemble, merge, score (< 10 minutes on 2 CPU cores)
-	$(BIN)/python train.py experiment=demo pipeline=A $(ARGS)
-	$(BIN)/python train.py experiment=demo pipeline=B $(ARGS)
+	$(BIN)/python train.py experiment=demo_A $(ARGS)
+	$(BIN)/python train.py experiment=demo_B $(ARGS)
 	$(BIN)/python ensemble.py runs=outputs/$(DEMO_NAME) dataset=data/synthetic oof=true
 	$(BIN)/brats-lightning cv-report outputs/$(DEMO_NAME)
 

@@ -3,7 +3,7 @@
     python train.py                                   # pipeline A, EquiUnet, synthetic data, fold 0
     python train.py pipeline=B model=unet fold=3
     python train.py -m fold=0,1,2,3,4 experiment=paper_A data.root=/path/to/BraTS2020_Training
-    python train.py experiment=demo pipeline=A        # CPU-sized demo (~2-3 minutes)
+    python train.py experiment=demo_A                 # CPU-sized demo, pipeline A (demo_B: pipeline B)
 
 Each job trains in ``outputs/<name>/<pipeline>/<model>/fold<k>/`` and leaves there
 ``checkpoints/{best,last}.ckpt``, ``metrics.csv``, ``wandb/`` and, at the end, ``run.json``
