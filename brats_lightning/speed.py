@@ -164,10 +164,6 @@ class SpeedPlan:
         return "; ".join(f"{k}={v} ({why[k]})" if k in why else f"{k}={v}" for k, v in values.items())
 
 
-def _half(precision: str) -> bool:
-    return str(precision).startswith(("16", "bf16"))
-
-
 def has_cxx_compiler() -> bool:
     """Whether a C++ compiler is on PATH (inductor needs one to compile for the CPU)."""
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
