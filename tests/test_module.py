@@ -79,7 +79,8 @@ def test_bf16_conv_guard_matches_torch_behaviour():
         torch.nn.functional.conv3d(x.double(), w, padding=1).backward(grad_out.double())
         errors[side] = float((conv.weight.grad.double() - w.grad).abs().max() / w.grad.abs().max())
     assert errors[4] < 0.05
-    assert errors[2] > 1.0, "CPU bf16 conv3d at 2x2x2 looks fixed: remove precision._bf16_conv_bug"
+    # garbage at 2x2x2: relative errors of 1 (zeros), 1e35, inf or nan from run to run
+    assert not errors[2] < 0.05, "CPU bf16 conv3d at 2x2x2 looks fixed: remove precision._bf16_conv_bug"
 
 
 # --------------------------------------------------------------------------------------------------- module
