@@ -33,7 +33,7 @@ train: install  ## one training job (or a sweep): make train ARGS="-m fold=0,1,2
 demo: install  ## train A and B on synthetic data, ensemble, merge, score (< 10 minutes on 2 CPU cores)
 	$(BIN)/python train.py experiment=demo_A $(ARGS)
 	$(BIN)/python train.py experiment=demo_B $(ARGS)
-	$(BIN)/python ensemble.py runs=outputs/$(DEMO_NAME) dataset=data/synthetic oof=true
+	$(BIN)/python ensemble.py runs=outputs/$(DEMO_NAME) dataset=data/synthetic oof=true oof_cases=held_out
 	$(BIN)/brats-lightning cv-report outputs/$(DEMO_NAME)
 
 # Pipeline A and B ensembles with TTA on a data set, their merge, and the scores when labels exist.

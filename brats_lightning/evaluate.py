@@ -35,7 +35,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
@@ -188,7 +188,8 @@ def _run_jobs(jobs: list[CaseJob], workers: int) -> list[dict[str, float | str]]
 
 def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Path, label: str | None = None,
                     workers: int = 1, convention: str | LabelConvention = "auto",
-                    spacing: Sequence[float] | None = None) -> pd.DataFrame:
+                    spacing: Sequence[float] | None = None,
+                    case_ids: Collection[str] | None = None) -> pd.DataFrame:
     """Score every ground truth case of ``gt_dir`` against ``pred_dir`` and write the reports to ``out_dir``.
 
     Args:
@@ -199,13 +200,14 @@ def evaluate_folder(pred_dir: str | Path, gt_dir: str | Path, out_dir: str | Pat
         workers: processes scoring cases in parallel (1 = in this process).
         convention: the predictions' label codes: "auto" (prediction.json, else the case's own), or a name.
         spacing: voxel size in mm overriding the ground truth headers' zooms.
+        case_ids: score only these ground truth cases (default: all of them).
 
     Returns:
         The per-case table (columns :data:`CASE_COLUMNS`, one row per ground truth case, sorted by case).
     """
     pred_dir, out_dir = Path(pred_dir), Path(out_dir)
     label = label or pred_dir.name
-    cases = find_cases(gt_dir, require_labels=True)
+    cases = [c for c in find_cases(gt_dir, require_labels=True) if case_ids is None or c.case_id in case_ids]
     predictions = label_map_paths(pred_dir)
     pred_convention = _prediction_convention(pred_dir, convention)
     spacing_override = None if spacing is None else tuple(float(s) for s in spacing)

@@ -109,6 +109,11 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
         chosen = select_runs(found, spec.get("select", "all"))
         log.info("pipeline %s (%s): %s", name, spec.get("select", "all"), ", ".join(r.name for r in chosen))
         ensembles[name] = Predictor(chosen, options)
+    if cfg.oof and cfg.get("oof_cases", "all") == "held_out":  # e.g. a sweep with only some folds trained
+        held_out = set.intersection(*({c for r in p.runs for c in r.val_cases} for p in ensembles.values()))
+        cases = [c for c in cases if c.case_id in held_out]
+        log.info("oof_cases=held_out: %d case(s) held out by every pipeline's runs", len(cases))
+    case_ids = {c.case_id for c in cases}
     folders: dict[str, Path] = {}
     for name, predictor in ensembles.items():
         folders[name] = pred_dir / name
@@ -124,7 +129,8 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
         from brats_lightning.evaluate import evaluate_folder
 
         for name, folder in folders.items():
-            table = evaluate_folder(folder, data, eval_dir / name, label=name, workers=int(cfg.eval_workers))
+            table = evaluate_folder(folder, data, eval_dir / name, label=name, workers=int(cfg.eval_workers),
+                                    case_ids=case_ids)
             report["results"][name] = means(table)
         if cfg.choose_et_threshold:
             from brats_lightning.inference.postprocess import choose_et_threshold
