@@ -161,3 +161,16 @@ def test_cli_parallel_and_spacing_override(dataset: tuple[Path, Path], tmp_path:
     assert cases.loc["BraTS20_Training_001", "dice_wt"] == 1.0
     printed = capsys.readouterr().out
     assert "BraTS evaluation: cli run" in printed and "Dice" in printed
+
+
+def test_evaluate_folder_scores_only_the_chosen_cases(dataset: tuple[Path, Path], tmp_path: Path,
+                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """``case_ids`` (out-of-fold scoring of a partial sweep) leaves the other ground truth cases out: the
+    case without a prediction is neither scored as empty nor warned about."""
+    gt_dir, pred_dir = dataset
+    with caplog.at_level(logging.WARNING):
+        table = evaluate_folder(pred_dir, gt_dir, tmp_path / "eval",
+                                case_ids={"BraTS20_Training_001", "BraTS20_Training_002"})
+    assert table["case"].tolist() == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    assert "scored as empty" not in caplog.text
+    assert table["dice_wt"].tolist() == [1, 1]
