@@ -109,3 +109,24 @@ def test_ensemble_default_paths_and_missing_pipeline(tiny_run_factory, tiny_data
     assert _compose([f"runs={root}", "oof=true"]).out == f"{root}/oof"
     with pytest.raises(FileNotFoundError, match=r"no pipeline B runs .*~pipelines.B"):
         run_ensemble(cfg)
+
+
+@pytest.mark.slow
+def test_ensemble_out_of_fold_on_a_partial_sweep(tiny_run_factory, tiny_dataset):
+    """Only fold 0 trained (as in `make demo`): oof_cases=held_out predicts and scores fold 0's validation
+    cases; the default (all) refuses, naming the cases no run held out."""
+    for pipeline in ("A", "B"):
+        tiny_run_factory(pipeline=pipeline, model="unet", fold=0, seed=1, val_cases=FOLD_VAL[0])
+    runs = tiny_run_factory.root
+    command = [sys.executable, "ensemble.py", f"runs={runs}", f"dataset={tiny_dataset}", "oof=true",
+               "predict.tta=none", "predict.device=cpu"]
+    env = dict(os.environ, WANDB_MODE="disabled")
+    refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "no selected run held out these cases" in refused.stderr
+    result = subprocess.run([*command, "oof_cases=held_out"], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    scored = pd.read_csv(runs / "oof" / "merged" / "cases.csv")["case"].tolist()
+    assert scored == sorted(FOLD_VAL[0])
+    assert sorted(p.name for p in (runs / "oof" / "predictions" / "merged").glob("*.nii.gz")) == [
+        f"{c}.nii.gz" for c in sorted(FOLD_VAL[0])]
