@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 DEMO_NAME ?= demo
 
-.PHONY: install test demo train ensemble lint bench bench-gpu
+.PHONY: install test demo train ensemble paper lint bench bench-gpu
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,7 +23,7 @@ test: install  ## run the test suite (CPU, about 10 minutes on 2 cores)
 	WANDB_MODE=disabled $(BIN)/python -m pytest
 
 lint: install  ## static checks
-	$(BIN)/ruff check brats_lightning tests benchmarks train.py
+	$(BIN)/ruff check brats_lightning tests benchmarks experiments train.py ensemble.py
 
 train: install  ## one training job (or a sweep): make train ARGS="-m fold=0,1,2,3,4 pipeline=A"
 	$(BIN)/python train.py $(ARGS)
@@ -40,6 +40,10 @@ demo: install  ## train A and B on synthetic data, ensemble, merge, score (< 10 
 # Paths come from conf/ensemble.yaml; override them: make ensemble ARGS="runs=outputs/default dataset=/path/to/val"
 ensemble: install  ## ensemble pipelines A and B, merge them, evaluate (conf/ensemble.yaml)
 	$(BIN)/python ensemble.py $(ARGS)
+
+# The paper's whole reproduction (experiments/paper_brats2020/README.md); ARGS: --launcher, --folds, overrides.
+paper: install  ## the paper's sweeps, ensembles, merge and comparison table: make paper DATA=/path/to/data
+	$(BIN)/python experiments/paper_brats2020/recipe.py $(if $(DATA),--data $(DATA),$(error make paper needs DATA=/path/to/MICCAI_BraTS2020_TrainingData)) $(ARGS)
 
 bench: install  ## CPU benchmarks (< 5 minutes); results appended to benchmarks/RESULTS.md
 	$(BIN)/python -m benchmarks.run_all $(ARGS)

@@ -14,12 +14,17 @@ import sys
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("brats_lightning.data.synthetic", "write a synthetic BraTS-like data set on MNI152 anatomy"),
     "check-data": ("brats_lightning.data.checks", "scan a data set and report every problem (exit 1 if any)"),
-    "preprocess": ("brats_lightning.data.preprocess", "build the preprocessed cache of a data set for a pipeline"),
+    "preprocess": ("brats_lightning.data.preprocess",
+                   "build the preprocessed cache of a data set for a pipeline"),
     "predict": ("brats_lightning.inference.predictor", "ensemble trained runs with TTA and write label maps"),
-    "merge": ("brats_lightning.inference.merge", "merge pipeline A and pipeline B label maps (paper Table 1)"),
-    "evaluate": ("brats_lightning.evaluate", "score label maps against ground truth with the BraTS 2020 rules"),
-    "cv-report": ("brats_lightning.reports", "cross-validation table (paper Table 2) from a sweep's run.json files"),
-    "flag-cases": ("brats_lightning.callbacks.case_losses", "turn recorded per-case losses into an exclusion list"),
+    "merge": ("brats_lightning.inference.merge",
+              "merge pipeline A and pipeline B label maps (paper Table 1)"),
+    "evaluate": ("brats_lightning.evaluate",
+                 "score label maps against ground truth with the BraTS 2020 rules"),
+    "cv-report": ("brats_lightning.reports",
+                  "cross-validation table (paper Table 2) from a sweep's run.json files"),
+    "flag-cases": ("brats_lightning.callbacks.case_losses",
+                   "turn recorded per-case losses into an exclusion list"),
 }
 
 
