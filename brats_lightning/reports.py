@@ -115,24 +115,30 @@ def _cell(row: dict[str, object] | pd.Series, key: str, digits: int) -> str:
     return f"{mean:.{digits}f} ({'-' if pd.isna(std) else f'{std:.{max(digits - 1, 1)}f}'})"
 
 
+def _mean_dice(row: dict[str, object] | pd.Series) -> str:
+    """The mean of the three regions' mean Dice (the demo's single number; not a column of the paper's)."""
+    means = [row[f"dice_{g}_mean"] for g in TABLE_REGIONS]
+    return "-" if any(pd.isna(m) for m in means) else f"{sum(means) / len(means):.4f}"
+
+
 def report_markdown(table: pd.DataFrame, outputs: Path) -> str:
     """``cv_report.md``: Table 2 layout for the folds, then the out-of-fold evaluations."""
     cv, oof = table[table["source"] == "cv"], table[table["source"] == "oof"]
     lines = [f"# Cross-validation report: {outputs}", ""]
     lines += ["## Cross-validation (paper Table 2): validation Dice per fold, mean (std) over folds", "",
-              "| Dice: mean(std) | ET | WT | TC | folds |", "|---|---|---|---|---|"]
+              "| Dice: mean(std) | ET | WT | TC | mean | folds |", "|---|---|---|---|---|---|"]
     lines += [f"| {r['label']} | " + " | ".join(_cell(r, f"dice_{g}", 4) for g in TABLE_REGIONS)
-              + f" | {r['n']} ({r['folds']}) |" for _, r in cv.iterrows()]
+              + f" | {_mean_dice(r)} | {r['n']} ({r['folds']}) |" for _, r in cv.iterrows()]
     if cv.empty:
-        lines.append("| (no run.json with val_metrics found) | - | - | - | 0 |")
+        lines.append("| (no run.json with val_metrics found) | - | - | - | - | 0 |")
     lines += ["", f"## Out-of-fold evaluation (`{OOF_DIR}/<name>/cases.csv`): mean (std) over cases", ""]
     if oof.empty:
         lines.append(f"None found (run `brats-lightning evaluate --out {outputs / OOF_DIR}/<name>`).")
     else:
-        lines += ["| Data | cases | Dice ET | Dice WT | Dice TC | HD95 ET | HD95 WT | HD95 TC |",
-                  "|---|---|---|---|---|---|---|---|"]
+        lines += ["| Data | cases | Dice ET | Dice WT | Dice TC | Dice mean | HD95 ET | HD95 WT | HD95 TC |",
+                  "|---|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['label']} | {r['n']} | "
-                  + " | ".join(_cell(r, f"dice_{g}", 4) for g in TABLE_REGIONS) + " | "
+                  + " | ".join(_cell(r, f"dice_{g}", 4) for g in TABLE_REGIONS) + f" | {_mean_dice(r)} | "
                   + " | ".join(_cell(r, f"hd95_{g}", 2) for g in TABLE_REGIONS) + " |"
                   for _, r in oof.iterrows()]
     return "\n".join(lines) + "\n"
@@ -163,13 +169,14 @@ def cv_report(outputs: str | Path, out_dir: str | Path | None = None) -> pd.Data
 def rich_table(table: pd.DataFrame) -> Table:
     """The report as a rich Table for the console."""
     out = Table(title="Cross-validation (Dice mean (std)); out-of-fold rows add HD95")
-    for name in ("configuration", "n", "Dice ET", "Dice WT", "Dice TC", "HD95 ET", "HD95 WT", "HD95 TC"):
+    for name in ("configuration", "n", "Dice ET", "Dice WT", "Dice TC", "Dice mean", "HD95 ET", "HD95 WT",
+                 "HD95 TC"):
         out.add_column(name, justify="left" if name == "configuration" else "right")
     for _, row in table.iterrows():
         name = row["label"] + (" (out-of-fold)" if row["source"] == "oof" else "")
         unit = ("case" if row["source"] == "oof" else "fold") + ("s" if row["n"] != 1 else "")
         out.add_row(escape(name), f"{row['n']} {unit}", *(_cell(row, f"dice_{g}", 4) for g in TABLE_REGIONS),
-                    *(_cell(row, f"hd95_{g}", 2) for g in TABLE_REGIONS))
+                    _mean_dice(row), *(_cell(row, f"hd95_{g}", 2) for g in TABLE_REGIONS))
     return out
 
 

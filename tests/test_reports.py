@@ -98,12 +98,13 @@ def test_cv_report_table(outputs: Path, tmp_path: Path, caplog: pytest.LogCaptur
     assert oof["hd95_et_mean"] == pytest.approx((2 + 4 + 373.13) / 3)
 
     markdown = (tmp_path / "report" / "cv_report.md").read_text()
-    assert "| Dice: mean(std) | ET | WT | TC | folds |" in markdown
-    # paper column order ET, WT, TC: 0.7500 (0.050), 0.9000 (0.020), 0.8500 (0.010)
-    assert "| A / unet | 0.7500 (0.050) | 0.9000 (0.020) | 0.8500 (0.010) | 3 (0,1,2) |" in markdown
-    assert "| B / equiunet | 0.7200 (-) | 0.9100 (-) | 0.8300 (-) | 1 (0) |" in markdown
-    # Dice ET over cases 0.9, 0.6, 0.0: mean 0.5, sample std sqrt((0.16 + 0.01 + 0.25) / 2) = 0.458
-    assert "| merged | 3 | 0.5000 (0.458) |" in markdown
+    assert "| Dice: mean(std) | ET | WT | TC | mean | folds |" in markdown
+    # paper column order ET, WT, TC: 0.7500 (0.050), 0.9000 (0.020), 0.8500 (0.010); mean of the three 0.8333
+    assert "| A / unet | 0.7500 (0.050) | 0.9000 (0.020) | 0.8500 (0.010) | 0.8333 | 3 (0,1,2) |" in markdown
+    assert "| B / equiunet | 0.7200 (-) | 0.9100 (-) | 0.8300 (-) | 0.8200 | 1 (0) |" in markdown
+    # Dice ET over cases 0.9, 0.6, 0.0: mean 0.5, sample std sqrt((0.16 + 0.01 + 0.25) / 2) = 0.458;
+    # WT mean 0.9, TC mean 0.8: the mean of the three 0.7333
+    assert "| merged | 3 | 0.5000 (0.458) |" in markdown and "| 0.7333 |" in markdown
     csv = pd.read_csv(tmp_path / "report" / "cv_report.csv")
     assert csv["label"].tolist() == table["label"].tolist()
 

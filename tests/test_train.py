@@ -144,10 +144,11 @@ def _wandb_records(path: Path) -> list:
 
 
 def _wandb_run(run_dir: Path) -> dict:
-    """Run id, group, name, logged val/dice_mean history and final summary of the run's offline W&B files."""
+    """Run id, group, name, val/dice_mean history, final summary and the number of overlay images and
+    per-case Dice tables logged, from the run's offline W&B files."""
     folders = sorted((run_dir / "wandb").glob("offline-run-*"))
     assert folders, f"no offline W&B run in {run_dir / 'wandb'}"
-    info: dict = {"history": [], "summary": {}, "ids": set()}
+    info: dict = {"history": [], "summary": {}, "ids": set(), "overlays": 0, "case_tables": 0}
     for folder in folders:
         (wandb_file,) = folder.glob("run-*.wandb")
         for record in _wandb_records(wandb_file):
@@ -160,6 +161,8 @@ def _wandb_run(run_dir: Path) -> dict:
                          for i in record.history.item}
                 if "val/dice_mean" in items:
                     info["history"].append(items["val/dice_mean"])
+                info["overlays"] += any(k.startswith("val/overlay/") for k in items)  # logged images
+                info["case_tables"] += any(k.startswith("val/case_dice/") for k in items)  # W&B tables
             elif kind == "summary":
                 info["summary"].update({i.key or "/".join(i.nested_key): json.loads(i.value_json)
                                         for i in record.summary.update})
@@ -223,6 +226,12 @@ def test_multirun_two_folds_then_resume(synthetic_root, tmp_path):
         assert (wandb_run["group"], wandb_run["name"]) == ("A", f"A-equiunet-fold{fold}")
         assert wandb_run["history"] == pytest.approx(dice_rows)
         assert wandb_run["summary"]["val/dice_mean"] == pytest.approx(run["val_metrics"]["dice_mean"])
+
+        # the default callbacks draw overlays of the first two validation cases each validation epoch
+        pngs = {p.name for p in (run_dir / "overlays").glob("*.png")}
+        cases = sorted(run["val_cases"])[:2]
+        assert {f"epoch{epoch:03d}_{case}.png" for epoch in (0, 1) for case in cases} <= pngs
+        assert wandb_run["overlays"] >= 2 and wandb_run["case_tables"] >= 2
     assert runs[0]["wandb_run_id"] != runs[1]["wandb_run_id"]
     assert runs[0]["split_file"] == runs[1]["split_file"]
     assert set(runs[0]["val_cases"]).isdisjoint(runs[1]["val_cases"])
