@@ -6,8 +6,8 @@
     python train.py experiment=demo_A                 # CPU-sized demo, pipeline A (demo_B: pipeline B)
 
 Each job trains in ``outputs/<name>/<pipeline>/<model>/fold<k>/`` and leaves there
-``checkpoints/{best,last}.ckpt``, ``metrics.csv``, ``wandb/`` and, at the end, ``run.json``
-(CONTRACTS.md "Training"). Running the same job again resumes from ``checkpoints/last.ckpt``
+``checkpoints/{best,last}.ckpt``, ``metrics.csv``, ``overlays/``, ``wandb/`` and, at the end, ``run.json``
+and ``curves.png`` (losses and validation Dice per epoch; CONTRACTS.md "Training"). Running the same job again resumes from ``checkpoints/last.ckpt``
 (``resume=true``) and continues the same W&B run.
 """
 
@@ -184,6 +184,10 @@ def train(cfg: DictConfig) -> dict[str, Any]:
         if trainer.is_global_zero:  # every rank computed the record; one writes it
             path = write_run_record(run_dir, record)
             log.info("run.json written: %s (val %s)", path, {k: round(v, 4) for k, v in val_metrics.items()})
+            if (run_dir / "metrics.csv").is_file():  # the CSV logger's file (logger=default or csv)
+                from brats_lightning.plots import training_curves
+
+                log.info("training curves: %s", training_curves(run_dir / "metrics.csv", run_dir / "curves.png"))
             for old in hpc_checkpoints(run_dir):  # requeue checkpoints, superseded by last.ckpt
                 old.unlink()
                 log.info("removed %s (the run finished; checkpoints/last.ckpt is newer)", old)

@@ -166,18 +166,25 @@ def cv_report(outputs: str | Path, out_dir: str | Path | None = None) -> pd.Data
     return table
 
 
-def rich_table(table: pd.DataFrame) -> Table:
-    """The report as a rich Table for the console."""
-    out = Table(title="Cross-validation (Dice mean (std)); out-of-fold rows add HD95")
-    for name in ("configuration", "n", "Dice ET", "Dice WT", "Dice TC", "Dice mean", "HD95 ET", "HD95 WT",
-                 "HD95 TC"):
-        out.add_column(name, justify="left" if name == "configuration" else "right")
+def rich_tables(table: pd.DataFrame) -> list[Table]:
+    """The report for the console: Dice for every row, then HD95 for the out-of-fold rows (when any)."""
+    dice = Table(title="Cross-validation Dice, mean (std) over folds; out-of-fold: over cases")
+    hd95 = Table(title="Out-of-fold HD95 (mm), mean (std) over cases")
+    for out, columns in ((dice, ("Dice ET", "Dice WT", "Dice TC", "Dice mean")),
+                         (hd95, ("HD95 ET", "HD95 WT", "HD95 TC"))):
+        out.add_column("configuration", no_wrap=True)
+        out.add_column("n", justify="right")
+        for name in columns:  # numbers wrap on a narrow terminal rather than being cut
+            out.add_column(name, justify="right", overflow="fold")
     for _, row in table.iterrows():
         name = row["label"] + (" (out-of-fold)" if row["source"] == "oof" else "")
         unit = ("case" if row["source"] == "oof" else "fold") + ("s" if row["n"] != 1 else "")
-        out.add_row(escape(name), f"{row['n']} {unit}", *(_cell(row, f"dice_{g}", 4) for g in TABLE_REGIONS),
-                    _mean_dice(row), *(_cell(row, f"hd95_{g}", 2) for g in TABLE_REGIONS))
-    return out
+        dice.add_row(escape(name), f"{row['n']} {unit}", *(_cell(row, f"dice_{g}", 4) for g in TABLE_REGIONS),
+                     _mean_dice(row))
+        if row["source"] == "oof":
+            hd95.add_row(escape(name), f"{row['n']} {unit}",
+                         *(_cell(row, f"hd95_{g}", 2) for g in TABLE_REGIONS))
+    return [dice] + ([hd95] if hd95.row_count else [])
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -192,7 +199,8 @@ def run(args: argparse.Namespace) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
     table = cv_report(args.outputs, args.out)
     console = Console()
-    console.print(rich_table(table))
+    for printed in rich_tables(table):
+        console.print(printed)
     out_dir = args.out or args.outputs
     console.print(f"wrote {out_dir / REPORT_MD} and {out_dir / REPORT_CSV}")
     return 0

@@ -116,6 +116,10 @@ def test_cli_writes_into_outputs_by_default(outputs: Path, capsys: pytest.Captur
     assert (outputs / "cv_report.md").is_file() and (outputs / "cv_report.csv").is_file()
     printed = capsys.readouterr().out
     assert "A / unet + SWA" in printed and "A / attunet [paper]" in printed and "1 fold " in printed
+    dice_table, hd95_table = printed.split("Out-of-fold HD95")  # Dice of every row, then HD95 of the oof rows
+    assert "0.7333" in dice_table  # the merged row's mean of the three regions (see test_cv_report_table)
+    assert "merged (out-of-fold)" in hd95_table and "126.38" in hd95_table  # HD95 ET (2 + 4 + 373.13) / 3
+    assert "A / unet" not in hd95_table  # fold rows have no HD95
 
 
 def test_empty_outputs_is_an_error(tmp_path: Path) -> None:

@@ -232,6 +232,7 @@ def test_multirun_two_folds_then_resume(synthetic_root, tmp_path):
         cases = sorted(run["val_cases"])[:2]
         assert {f"epoch{epoch:03d}_{case}.png" for epoch in (0, 1) for case in cases} <= pngs
         assert wandb_run["overlays"] >= 2 and wandb_run["case_tables"] >= 2
+        assert (run_dir / "curves.png").read_bytes()[:4] == b"\x89PNG"  # the training curves
     assert runs[0]["wandb_run_id"] != runs[1]["wandb_run_id"]
     assert runs[0]["split_file"] == runs[1]["split_file"]
     assert set(runs[0]["val_cases"]).isdisjoint(runs[1]["val_cases"])
