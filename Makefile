@@ -19,7 +19,7 @@ $(BIN)/.installed: setup.cfg pyproject.toml
 
 install: $(BIN)/.installed  ## create .venv and install the package with its dependencies
 
-test: install  ## run the test suite (CPU, about 10 minutes on 2 cores)
+test: install  ## run the test suite (CPU, about 6 minutes on 2 cores)
 	WANDB_MODE=disabled $(BIN)/python -m pytest
 
 lint: install  ## static checks
