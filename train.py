@@ -7,8 +7,8 @@
 
 Each job trains in ``outputs/<name>/<pipeline>/<model>/fold<k>/`` and leaves there
 ``checkpoints/{best,last}.ckpt``, ``metrics.csv``, ``overlays/``, ``wandb/`` and, at the end, ``run.json``
-and ``curves.png`` (losses and validation Dice per epoch; CONTRACTS.md "Training"). Running the same job again resumes from ``checkpoints/last.ckpt``
-(``resume=true``) and continues the same W&B run.
+and ``curves.png`` (losses and validation Dice per epoch; CONTRACTS.md "Training"). Running the same job
+again resumes from ``checkpoints/last.ckpt`` (``resume=true``) and continues the same W&B run.
 """
 
 from __future__ import annotations
@@ -187,7 +187,8 @@ def train(cfg: DictConfig) -> dict[str, Any]:
             if (run_dir / "metrics.csv").is_file():  # the CSV logger's file (logger=default or csv)
                 from brats_lightning.plots import training_curves
 
-                log.info("training curves: %s", training_curves(run_dir / "metrics.csv", run_dir / "curves.png"))
+                curves = training_curves(run_dir / "metrics.csv", run_dir / "curves.png")
+                log.info("training curves: %s", curves)
             for old in hpc_checkpoints(run_dir):  # requeue checkpoints, superseded by last.ckpt
                 old.unlink()
                 log.info("removed %s (the run finished; checkpoints/last.ckpt is newer)", old)
