@@ -131,7 +131,8 @@ def summarize(cases: pd.DataFrame) -> pd.DataFrame:
     return summary
 
 
-def _markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A Markdown table (GitHub style) of string cells."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
     lines += ["| " + " | ".join(row) + " |" for row in rows]
     return "\n".join(lines)
@@ -149,9 +150,9 @@ def report_markdown(cases: pd.DataFrame, summary: pd.DataFrame, label: str,
                     missing: Sequence[str] = ()) -> str:
     """``report.md``: the Table 3 row (means), the portal summary, cases scored without a prediction."""
     means = summary.loc["Mean"]
-    table3 = _markdown_table(["Metric (mean)", *(name for name, _ in TABLE3_COLUMNS)],
+    table3 = markdown_table(["Metric (mean)", *(name for name, _ in TABLE3_COLUMNS)],
                              [[label, *(_format(means[key], key) for _, key in TABLE3_COLUMNS)]])
-    full = _markdown_table(["", *METRIC_KEYS], [[row, *(_format(summary.loc[row, k], k) for k in METRIC_KEYS)]
+    full = markdown_table(["", *METRIC_KEYS], [[row, *(_format(summary.loc[row, k], k) for k in METRIC_KEYS)]
                                                 for row in SUMMARY_ROWS])
     parts = [f"# Evaluation: {label}", "",
              f"{len(cases)} cases, BraTS 2020 rules (SPEC.md Evaluation); HD95 in mm.", "",

@@ -177,13 +177,12 @@ def rich_tables(table: pd.DataFrame) -> list[Table]:
         for name in columns:  # numbers wrap on a narrow terminal rather than being cut
             out.add_column(name, justify="right", overflow="fold")
     for _, row in table.iterrows():
-        name = row["label"] + (" (out-of-fold)" if row["source"] == "oof" else "")
-        unit = ("case" if row["source"] == "oof" else "fold") + ("s" if row["n"] != 1 else "")
-        dice.add_row(escape(name), f"{row['n']} {unit}", *(_cell(row, f"dice_{g}", 4) for g in TABLE_REGIONS),
-                     _mean_dice(row))
-        if row["source"] == "oof":
-            hd95.add_row(escape(name), f"{row['n']} {unit}",
-                         *(_cell(row, f"hd95_{g}", 2) for g in TABLE_REGIONS))
+        oof = row["source"] == "oof"
+        unit = ("case" if oof else "fold") + ("s" if row["n"] != 1 else "")
+        head = (escape(row["label"] + (" (out-of-fold)" if oof else "")), f"{row['n']} {unit}")
+        dice.add_row(*head, *(_cell(row, f"dice_{g}", 4) for g in TABLE_REGIONS), _mean_dice(row))
+        if oof:
+            hd95.add_row(*head, *(_cell(row, f"hd95_{g}", 2) for g in TABLE_REGIONS))
     return [dice] + ([hd95] if hd95.row_count else [])
 
 

@@ -38,6 +38,9 @@ from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
 
+from brats_lightning.evaluate import SUMMARY_FILE, markdown_table
+from brats_lightning.reports import OOF_DIR, REPORT_CSV
+
 REPO = Path(__file__).resolve().parents[2]
 console = Console()
 
@@ -157,7 +160,7 @@ def _cell(mean: float, std: float | None = None, digits: int = 4) -> str:
 
 def comparison_rows(out: Path) -> tuple[list[list[str]], list[list[str]]]:
     """Our rows, each followed by the paper's row it reproduces: (Table 2 rows, Table 3 rows)."""
-    report = pd.read_csv(out / "cv_report.csv").set_index("label")
+    report = pd.read_csv(out / REPORT_CSV).set_index("label")
     table2 = []
     for sweep in SWEEPS:
         for label in (sweep.cv_label, sweep.cv_label + " + SWA"):
@@ -171,7 +174,7 @@ def comparison_rows(out: Path) -> tuple[list[list[str]], list[list[str]]]:
                 table2.append([sweep.paper_row, "paper, Table 2", *(_cell(*paper[r]) for r in REGIONS)])
     table3 = []
     for row, (source, metric) in TABLE3_SOURCES.items():
-        summary_file = out / "oof" / source / "summary.csv"
+        summary_file = out / OOF_DIR / source / SUMMARY_FILE
         if not summary_file.exists():
             continue
         means = pd.read_csv(summary_file, index_col="Label").loc["Mean"]
@@ -180,11 +183,6 @@ def comparison_rows(out: Path) -> tuple[list[list[str]], list[list[str]]]:
         table3.append([row, f"ours, oof/{source}", *ours])
         table3.append(["", "paper, Table 3", *(_cell(PAPER_TABLE3[row][r], digits=digits) for r in REGIONS)])
     return table2, table3
-
-
-def _markdown(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
 
 TABLE2_HEADER = ("configuration", "source", "ET", "WT", "TC")
@@ -203,15 +201,14 @@ def write_comparison(out: Path, args: argparse.Namespace) -> Path:
         "## Cross-validation Dice, mean (std) over folds", "",
         "The paper's Table 2 rows are pipeline A's three model kinds after fast SWA, so each follows our "
         "`+ SWA` row; the rows without SWA are the same runs at the end of the main schedule. The paper "
-        "gives "
-        "no cross-validation numbers for pipeline B.", "",
-        _markdown(TABLE2_HEADER, table2), "",
+        "gives no cross-validation numbers for pipeline B.", "",
+        markdown_table(TABLE2_HEADER, table2), "",
         "## Ensembles", "",
         "Ours: out-of-fold on the training set (each case predicted only by the runs that held it out; A = "
         "the best two runs per fold, B = all, 16-view TTA, then the merge), mean over cases. The paper's "
         "Table 3 is the online validation set (125 unseen cases scored by the BraTS portal), so ours can "
         "differ a little even with identical models.", "",
-        _markdown(TABLE3_HEADER, table3), ""])
+        markdown_table(TABLE3_HEADER, table3), ""])
     path = out / "comparison.md"
     path.write_text(text)
     for title, header, rows in (("Cross-validation Dice, mean (std) over folds", TABLE2_HEADER, table2),
