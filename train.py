@@ -1,4 +1,4 @@
-"""Train one fold of one pipeline (Hydra entry point; paper section 2.5, SPEC.md "Training").
+"""Train one fold of one pipeline (Hydra entry point; paper section 2.5, docs/method.md "Training").
 
     python train.py                                   # pipeline A, EquiUnet, synthetic data, fold 0
     python train.py pipeline=B model=unet fold=3
@@ -7,7 +7,7 @@
 
 Each job trains in ``outputs/<name>/<pipeline>/<model>/fold<k>/`` and leaves there
 ``checkpoints/{best,last}.ckpt``, ``metrics.csv``, ``overlays/``, ``wandb/`` and, at the end, ``run.json``
-and ``curves.png`` (losses and validation Dice per epoch; CONTRACTS.md "Training"). Running the same job
+and ``curves.png`` (losses and validation Dice per epoch; docs/contracts.md, "run.json"). Running the same job
 again resumes from ``checkpoints/last.ckpt`` (``resume=true``) and continues the same W&B run.
 """
 

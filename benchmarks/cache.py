@@ -1,7 +1,7 @@
 """Time one 128^3 training sample from the raw .nii.gz files vs from the preprocessed cache.
 
 One synthetic BraTS case at 1 mm (240x240x155, int16 images as BraTS ships them) is written to a temporary
-folder. A training sample is what the datamodule hands to the model (SPEC.md "Preprocessing"): the four
+folder. A training sample is what the datamodule hands to the model (docs/method.md "Preprocessing"): the four
 modalities normalized (pipeline A, 1-99 percentile min-max, unless ``--normalization zscore``), cropped to
 the brain box, and a random 128^3 crop of images and labels.
 

@@ -8,7 +8,8 @@ autocast, sigmoid, exact inverse), float64 running mean over views and networks,
 Networks are randomly initialized ``EquiUnet``s in eval mode (weights don't change the cost). Optional speed
 switches (memory format, torch.compile) wrap each network with :class:`brats_lightning.speed.InferenceNet`.
 
-SPEC.md "Measured anchors" (H200, EquiUnet w=48, 144x176x144, fp16): 70 ms per volume at batch 1, 32 ms at
+docs/method.md "Measured anchors" (H200, EquiUnet w=48, 144x176x144, fp16): 70 ms per volume at batch 1, 32
+ms at
 batch 8 (80 views = 2.6 s per case); the issue's target: 16 views x 5 models <= 1.5 s per case.
 
 Usage (from the repository root):
@@ -34,8 +35,9 @@ import torch
 
 from benchmarks.common import check_device, csv_list, describe_device, finish, pipeline_config, sync
 from brats_lightning.inference.predictor import predict_probabilities
-from brats_lightning.inference.tta import VIEW_SETS, get_views, resolve_amp_dtype
+from brats_lightning.inference.tta import VIEW_SETS, get_views
 from brats_lightning.models import AttEquiUnet, EquiUnet, Unet
+from brats_lightning.precision import resolve_amp_dtype
 from brats_lightning.speed import InferenceNet, resolve_speed
 
 log = logging.getLogger("benchmarks.inference")

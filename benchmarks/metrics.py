@@ -3,7 +3,7 @@
 The case: a 240x240x155 grid at 1 mm (BraTS), a tumour about 60 mm across (whole tumour), a ~36 mm core
 with an enhancing rim around necrosis, all with irregular (noise-perturbed) borders; the prediction is the
 ground truth shifted by (2, -1, 1) voxels with its borders perturbed again. ``case_metrics`` works on the
-union bounding box of each region's two masks; the baseline applies the same SPEC.md recipe (erosion,
+union bounding box of each region's two masks; the baseline applies the same docs/method.md recipe (erosion,
 Euclidean distance transforms) to the whole volume, and both must give the same HD95.
 
 Usage (from the repository root): ``python -m benchmarks.metrics [--repeats 5] [--baseline-repeats 2]
@@ -64,7 +64,7 @@ def _time(fn: Callable[[], dict[str, float]], repeats: int) -> tuple[list[float]
 
 
 def whole_volume_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
-    """The SPEC.md recipe on the whole volume (the baseline the bounding-box crop must equal)."""
+    """The docs/method.md recipe on the whole volume (the baseline the bounding-box crop must equal)."""
     structure = ndimage.generate_binary_structure(3, 1)
     out = {}
     for i, name in enumerate(REGION_NAMES):

@@ -1,4 +1,4 @@
-"""Run every benchmark, then one table against SPEC.md's measured anchors and the issue's targets.
+"""Run every benchmark, then one table against docs/method.md's measured anchors and the issue's targets.
 
     python -m benchmarks.run_all              # CPU, demo sizes, < 5 minutes on 2 cores (make bench)
     python -m benchmarks.run_all --compile    # ... plus torch.compile training rows (minutes more on a CPU)
@@ -46,7 +46,7 @@ from brats_lightning.precision import cpu_supports_bf16
 log = logging.getLogger("benchmarks.run_all")
 
 BENCHES = ("train_step", "data_loader", "inference", "cache", "metrics")
-SUMMARY_COLUMNS = ["check", "measured", "SPEC.md anchor", "target", "status"]
+SUMMARY_COLUMNS = ["check", "measured", "docs/method.md anchor", "target", "status"]
 
 
 @dataclass
@@ -60,7 +60,7 @@ class Check:
     status: str = "info"
 
     def row(self) -> dict[str, str]:
-        return {"check": self.check, "measured": self.measured, "SPEC.md anchor": self.anchor,
+        return {"check": self.check, "measured": self.measured, "docs/method.md anchor": self.anchor,
                 "target": self.target, "status": self.status}
 
 
@@ -190,7 +190,7 @@ def _fmt(value: float | None, unit: str, digits: int = 1) -> str:
 
 
 def gpu_checks(train: dict, infer: dict, data: list, metric: list, compared: bool) -> list[Check]:
-    """The comparison rows of ``--gpu`` (SPEC.md "Measured anchors", H200; the issue's targets)."""
+    """The comparison rows of ``--gpu`` (docs/method.md "Measured anchors", H200; the issue's targets)."""
     checks = []
     eager, compiled = _ms(train.get("eager")), _ms(train.get("compiled"))
     label = "EquiUnet w=48 128^3 b1"
@@ -272,7 +272,7 @@ def metric_checks(metric: list) -> list[Check]:
 
 def cpu_checks(train: dict, infer: dict, data: list, cached: list, metric: list, compared: bool
                ) -> list[Check]:
-    """The comparison rows of the CPU run (SPEC.md "Measured anchors" CPU and "CPU demo recipe")."""
+    """The comparison rows of the CPU run (docs/method.md "Measured anchors" CPU and "CPU demo recipe")."""
     checks = []
     if train:
         fp32, fp32_cl = _ms(train.get("fp32")), _ms(train.get("fp32_cl"))

@@ -7,7 +7,8 @@ configured precision plugin (autocast; gradient scaling for 16-mixed), with the 
 reads the clock at ``on_train_batch_start`` and ``on_train_batch_end`` (synchronizing the GPU first);
 "iteration ms" is the time between two batch ends, which adds the data fetch, the host-to-device copy and
 the batch augmentation of ``on_after_batch_transfer``. The data are fixed in-memory crops (the data pipeline
-has its own benchmark, benchmarks/data_loader.py). SPEC.md "Measured anchors" (H200, EquiUnet w=48, 128^3,
+has its own benchmark, benchmarks/data_loader.py). docs/method.md "Measured anchors" (H200, EquiUnet w=48,
+128^3,
 batch 1, Adam): 82 ms fp16 eager, 42 ms compiled; the issue's target is <= 30 ms.
 
 Usage (from the repository root):

@@ -1,6 +1,6 @@
 """Atomic checkpoint files and the run's two checkpoints (``best.ckpt``, ``last.ckpt``).
 
-SPEC.md "Training" / "Known traps": the reference code overwrote its "best" checkpoint with the final
+docs/method.md "Training" / "Known traps": the reference code overwrote its "best" checkpoint with the final
 weights. Here ``checkpoints/best.ckpt`` is written only when the monitored validation metric improves
 (pipeline B: lowest validation loss) and ``checkpoints/last.ckpt`` at the end of every training epoch,
 each through :class:`AtomicCheckpointIO`, so an interrupted write never leaves a truncated checkpoint
@@ -114,7 +114,8 @@ class RandomStateCheckpoint(pl.Callback):
     them when training resumes from it.
 
     Lightning's checkpoints do not hold them, so a resumed run would otherwise draw other crops,
-    augmentations and shuffles than the uninterrupted run (SPEC.md "Known traps": resume). The states are
+    augmentations and shuffles than the uninterrupted run (docs/method.md "Known traps": resume). The
+    states are
     restored when Lightning loads the callbacks' states (``Trainer._run``, before the training data loader's
     first iterator is created), which is where an uninterrupted run stands after the checkpoint's epoch.
     """

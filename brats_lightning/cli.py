@@ -11,6 +11,8 @@ import argparse
 import importlib
 import sys
 
+from brats_lightning.errors import EXIT_USER_ERROR, UserError
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "synth": ("brats_lightning.data.synthetic", "write a synthetic BraTS-like data set on MNI152 anatomy"),
     "check-data": ("brats_lightning.data.checks", "scan a data set and report every problem (exit 1 if any)"),
@@ -51,7 +53,12 @@ def main(argv: list[str] | None = None) -> int:
     module = importlib.import_module(module_name)
     parser = argparse.ArgumentParser(prog=f"brats-lightning {name}", description=summary)
     module.add_arguments(parser)
-    return int(module.run(parser.parse_args(rest)) or 0)
+    args = parser.parse_args(rest)
+    try:
+        return int(module.run(args) or 0)
+    except UserError as err:  # bad input: one message, no traceback (brats_lightning/errors.py)
+        print(f"brats-lightning {name}: error: {err}", file=sys.stderr)
+        return EXIT_USER_ERROR
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 """Scale-out with existing engines: ranks, the Hydra-multirun + DDP guard, SLURM requeue, resume point, locks.
 
-SPEC.md "Known traps" (Hydra multirun with in-process DDP re-launches the sweep in each rank) and
+docs/method.md "Known traps" (Hydra multirun with in-process DDP re-launches the sweep in each rank) and
 docs/cluster.md. Nothing here starts processes or submits jobs: Hydra's launcher plugins (joblib,
 submitit) start the jobs, SLURM or Lightning start the ranks, Lightning's ``SLURMEnvironment`` saves and
 requeues on SLURM's pre-timeout signal. This module only
@@ -80,7 +80,7 @@ def check_launch(trainer: Any) -> None:
     lightning_fabric's ``_hydra_subprocess_cmd``: ``sys.argv[1:]`` unchanged, plus
     ``hydra.run.dir=<this job's run.dir> hydra.job.name=train_ddp_process_<k> hydra.output_subdir=null``.
     In a multirun, ``sys.argv`` still holds ``-m`` and the sweep (``fold=0,1,2,3,4``), and ``hydra.run.dir``
-    is ignored in multirun mode, so every extra rank would start the whole sweep again (SPEC.md "Known
+    is ignored in multirun mode, so every extra rank would start the whole sweep again (docs/method.md "Known
     traps"); under the joblib or submitit launchers ``sys.argv``/``__main__`` are not even ``train.py``'s.
     In a single run (no ``-m``) the re-invoked command reproduces exactly this job in the same folder, so
     that case is allowed.

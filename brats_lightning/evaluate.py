@@ -1,4 +1,5 @@
-"""Score label maps against ground truth with the BraTS 2020 rules (SPEC.md Evaluation; paper Tables 3-4).
+"""Score label maps against ground truth with the BraTS 2020 rules (docs/method.md Evaluation; paper Tables
+3-4).
 
 Command line::
 
@@ -60,9 +61,9 @@ from brats_lightning.data.labels import (
     unexpected_labels,
 )
 from brats_lightning.data.layout import find_cases
-from brats_lightning.inference.merge import label_map_paths, read_manifest
 from brats_lightning.metrics import METRIC_KEYS, case_metrics
 from brats_lightning.plots import metric_boxplots
+from brats_lightning.predictions import label_map_paths, read_manifest
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,7 @@ def report_markdown(cases: pd.DataFrame, summary: pd.DataFrame, label: str,
     full = markdown_table(["", *METRIC_KEYS], [[row, *(_format(summary.loc[row, k], k) for k in METRIC_KEYS)]
                                                 for row in SUMMARY_ROWS])
     parts = [f"# Evaluation: {label}", "",
-             f"{len(cases)} cases, BraTS 2020 rules (SPEC.md Evaluation); HD95 in mm.", "",
+             f"{len(cases)} cases, BraTS 2020 rules (docs/method.md Evaluation); HD95 in mm.", "",
              "## Mean over cases (paper Table 3 layout)", "", table3, "",
              "## Summary (BraTS portal style)", "", full, "",
              f"Per-case values: `{CASES_FILE}`; box plots: `{BOXPLOT_FILE}`.", ""]

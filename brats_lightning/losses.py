@@ -1,6 +1,7 @@
 """Soft Dice losses (squared / plain denominator) and the deep-supervision sum.
 
-Paper section 2.5, equation (2) / SPEC.md "Loss". Per region channel (ET, TC, WT), sums run over the batch
+Paper section 2.5, equation (2) / docs/method.md "Loss". Per region channel (ET, TC, WT), sums run over the
+batch
 and all voxels; the loss is the mean over channels of
 
     squared (pipeline A): 1 - (2 * sum(S * R) + eps) / (sum(S^2) + sum(R^2) + eps)
@@ -21,7 +22,7 @@ from torch import nn
 
 
 class DiceLoss(nn.Module):
-    """Soft Dice loss over region channels (SPEC.md "Loss").
+    """Soft Dice loss over region channels (docs/method.md "Loss").
 
     Args:
         squared: True for the squared denominator (pipeline A), False for the plain one (pipeline B).

@@ -1,4 +1,4 @@
-"""BraTS 2020 segmentation metrics: Dice, HD95, sensitivity, specificity (SPEC.md, Evaluation).
+"""BraTS 2020 segmentation metrics: Dice, HD95, sensitivity, specificity (docs/method.md, Evaluation).
 
 All functions work on boolean masks of one region (ET, TC or WT); :func:`case_metrics` applies them to
 the three regions of a case (channel order ``REGIONS = ("ET", "TC", "WT")``).

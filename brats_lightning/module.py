@@ -1,10 +1,11 @@
 """The LightningModule: deep-supervised Dice training, whole-brain validation, optimizers and schedules.
 
-Paper sections 2.2-2.5 / SPEC.md "Loss", "Augmentation", "Training". One module serves both pipelines;
+Paper sections 2.2-2.5 / docs/method.md "Loss", "Augmentation", "Training". One module serves both pipelines;
 everything that differs between them comes from the ``pipeline`` config (conf/pipeline/A.yaml, B.yaml):
 the Dice loss denominator (A squared, B plain), the batch augmentation probabilities, the optimizer
 (A Ranger, B Adam) and the schedule. The network is built from the ``model`` config with
-``hydra.utils.instantiate`` and kept as ``self.net``, so checkpoint keys are ``net.<param>`` (CONTRACTS.md).
+``hydra.utils.instantiate`` and kept as ``self.net``, so checkpoint keys are ``net.<param>``
+(docs/contracts.md).
 """
 
 from __future__ import annotations
@@ -51,7 +52,8 @@ class BratsModule(pl.LightningModule):
     Training batches ``{"image": (B, 4, X, Y, Z), "target": (B, 3, X, Y, Z) bool, "case_id": [...]}`` are
     augmented on the device (:class:`~brats_lightning.data.augment.BatchAugment`, training only), and the loss
     is ``DeepSupervisionLoss(DiceLoss(squared))`` (main output + 4 deep heads). Validation batches hold the
-    whole brain box padded to a multiple of 8 plus the unpadding ``box`` (CONTRACTS.md); logits are unpadded,
+    whole brain box padded to a multiple of 8 plus the unpadding ``box`` (docs/contracts.md); logits are
+    unpadded,
     thresholded at sigmoid > 0.5 and scored per case with :func:`~brats_lightning.metrics.region_dice`.
 
     Logged: ``train/loss`` (step and epoch), ``val/loss``, ``val/dice_et``, ``val/dice_tc``, ``val/dice_wt``,
@@ -135,7 +137,7 @@ class BratsModule(pl.LightningModule):
         return self.run_net(image)
 
     def on_after_batch_transfer(self, batch: dict[str, Any], dataloader_idx: int) -> dict[str, Any]:
-        """Per-sample augmentation on the device, training batches only (SPEC.md "Augmentation")."""
+        """Per-sample augmentation on the device, training batches only (docs/method.md "Augmentation")."""
         if self.augment is not None and self.trainer.training:
             image, target = self.augment(batch["image"], batch["target"].float())
             batch = {**batch, "image": image, "target": target}
@@ -146,7 +148,7 @@ class BratsModule(pl.LightningModule):
 
         Returns:
             ``{"loss", "case_losses": (B,) detached main-output Dice loss per case, "case_id"}``; the per-case
-            losses serve patient filtering (SPEC.md "Training").
+            losses serve patient filtering (docs/method.md "Training").
         """
         image, target = batch["image"], batch["target"]
         output = self.run_net(image, compiled=True)
@@ -200,7 +202,7 @@ class BratsModule(pl.LightningModule):
 
         Returns:
             ``{"loss": mean Dice loss of the batch, "pred_regions": bool (B, 3, X, Y, Z) unpadded,
-            "case_id": [...]}`` for callbacks (CONTRACTS.md).
+            "case_id": [...]}`` for callbacks (docs/contracts.md).
         """
         metrics, pred = self.score_batch(batch)
         self.log_dict({f"val/{k}": v for k, v in metrics.items()}, on_step=False, on_epoch=True,

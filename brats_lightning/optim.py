@@ -1,4 +1,5 @@
-"""Optimizers and learning-rate schedules built from plain config (paper section 2.5, SPEC.md "Training").
+"""Optimizers and learning-rate schedules built from plain config (paper section 2.5, docs/method.md
+"Training").
 
 - Pipeline A: Ranger (RAdam + Lookahead k=6, alpha=0.5 + gradient centralization), lr 1e-4, no weight
   decay; lr constant for 100 epochs, then cosine decay to 0 over the last 100 (200 epochs).
@@ -47,7 +48,7 @@ class Ranger(torch_optimizer.Ranger):
 
     ``torch_optimizer.Ranger.step`` ignores its ``closure`` argument, so under PyTorch Lightning's automatic
     optimization (which passes the forward/backward as a closure to ``optimizer.step``) it steps without
-    gradients and Lightning fails with "The closure hasn't been executed" (SPEC.md "Known traps"). This
+    gradients and Lightning fails with "The closure hasn't been executed" (docs/method.md "Known traps"). This
     subclass runs the closure under ``torch.enable_grad()`` first and returns its loss. It also applies
     gradient centralization before the RAdam moments are updated, as the Ranger used in the paper does
     (Ranger 2020.08, ``use_gc=True``, conv and linear weights); torch-optimizer's Ranger lacks it.

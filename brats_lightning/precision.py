@@ -1,7 +1,12 @@
-"""Training precision: the paper's fp16 mixed precision on GPU, bf16 (or fp32) autocast on CPU.
+"""Devices and precisions, for training and inference alike.
 
-Paper section 2.5 / SPEC.md "Training": both pipelines train with 16-mixed precision (fp16 autocast + grad
-scaling) on GPU. fp16 autocast does not exist on CPU; SPEC.md "CPU demo recipe" measured bf16 autocast at
+Training: the paper's fp16 mixed precision on GPU, bf16 (or fp32) autocast on CPU (:func:`resolve_precision`).
+Inference: the device (:func:`resolve_device`) and the autocast dtype of TTA (:func:`resolve_amp_dtype`).
+
+Paper section 2.5 / docs/method.md "Training": both pipelines train with 16-mixed precision (fp16 autocast
++ grad
+scaling) on GPU. fp16 autocast does not exist on CPU; docs/method.md "CPU demo recipe" measured bf16
+autocast at
 2.5x the speed of fp32 on this kind of CPU, so on CPU a half-precision request becomes ``bf16-mixed`` where
 the CPU supports bf16 natively (``torch.ops.mkldnn._is_mkldnn_bf16_supported()``), else ``32-true``.
 """
@@ -77,8 +82,46 @@ def resolve_precision(
                                     "weight gradients are wrong in this torch build; crops of 24, 32 or more "
                                     "train in bf16")
     else:
-        resolved, why = "bf16-mixed", "this CPU supports bf16 natively, about 2.5x faster than fp32 (SPEC.md)"
+        resolved, why = "bf16-mixed", "this CPU supports bf16 natively, about 2.5x faster than fp32"
     if resolved != requested:
         log.info("precision: %s requested but training runs on the CPU; using %s (%s)",
                  requested, resolved, why)
     return resolved
+
+
+def resolve_device(device: str) -> torch.device:
+    """"auto" -> CUDA when available, else CPU; other strings are passed to torch.device (checked)."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu/auto")
+    return resolved
+
+
+def resolve_amp_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype | None:
+    """Autocast dtype for inference on ``device``.
+
+    Args:
+        device: where the network runs.
+        precision: "auto" (fp16 on CUDA, bf16 on a CPU that supports it, else fp32), "fp32", "bf16" or "fp16".
+
+    Returns:
+        The autocast dtype, or None for plain fp32.
+    """
+    device = torch.device(device)
+    if precision == "fp32":
+        return None
+    if precision == "bf16":
+        return torch.bfloat16
+    if precision == "fp16":
+        return torch.float16
+    if precision != "auto":
+        raise ValueError(f"precision={precision!r}: expected auto, fp32, bf16 or fp16")
+    if device.type == "cuda":
+        return torch.float16
+    if device.type == "cpu":
+        if cpu_supports_bf16():
+            return torch.bfloat16
+        log.info("this CPU has no native bf16: inference runs in fp32")
+    return None

@@ -2,7 +2,8 @@
 
 Command line: ``brats-lightning cv-report OUTPUTS [--out DIR]``.
 
-* Every ``run.json`` under ``OUTPUTS`` (any depth; CONTRACTS.md, Training) is one fold of one configuration.
+* Every ``run.json`` under ``OUTPUTS`` (any depth; docs/contracts.md, "run.json") is one fold of one
+  configuration.
   A configuration is (``pipeline``, ``model``, cleaned = non-empty ``exclude`` list, ``experiment`` when
   run.json has that key); its label reads ``A / unet``, ``A / unet + cleaned``, ``A / unet [name]``. When one
   configuration has the same fold twice (a rerun), the most recently written run.json is used (warned).
@@ -31,7 +32,7 @@ from rich.logging import RichHandler
 from rich.markup import escape
 from rich.table import Table
 
-from brats_lightning.inference.runs import Run, find_runs
+from brats_lightning.runs import Run, find_runs
 
 log = logging.getLogger(__name__)
 

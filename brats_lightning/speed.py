@@ -4,7 +4,7 @@ Issue 7. Each switch is a key of the ``speed`` config group (conf/speed/default.
 an explicit value. :func:`resolve_speed` turns the config into a :class:`SpeedPlan` for the device and
 precision that will train, with the reason for every automatic choice; :class:`~brats_lightning.module.
 BratsModule` applies the plan in ``configure_model`` (before the optimizer exists) and train.py passes the
-cuDNN choice to the Trainer and sets the thread count. What ``auto`` picks, and why (SPEC.md "Measured
+cuDNN choice to the Trainer and sets the thread count. What ``auto`` picks, and why (docs/method.md "Measured
 anchors"; benchmarks/RESULTS.md; docs/performance.md):
 
 - ``memory_format``: ``channels_last_3d`` (NDHWC) on CPU, where oneDNN's 3D convolutions run faster with it
@@ -15,7 +15,7 @@ anchors"; benchmarks/RESULTS.md; docs/performance.md):
   bf16 (8 channels, 64^3, forward + backward), enough to make channels_last_3d a loss for pipeline A.
 - ``cudnn_benchmark``: on for CUDA (one autotuning pass per input shape; training crops have one shape),
   off elsewhere and whenever the trainer is deterministic.
-- ``compile``: ``torch.compile`` of the network's training forward on CUDA (SPEC.md: 82 -> 42 ms per
+- ``compile``: ``torch.compile`` of the network's training forward on CUDA (docs/method.md: 82 -> 42 ms per
   w=48 step in fp16); off on CPU, where the compilation time (minutes on 2 cores) outweighs what a
   few-minute demo gains.
 - ``num_threads``: left to torch (one per core) unless set; 1 is far faster when several trainings share
@@ -202,7 +202,8 @@ def resolve_speed(
                                              "(with contiguous norms), benchmarks/RESULTS.md"))
         else:
             memory_format = "contiguous"
-            why = ("auto: channels_last_3d slowed the H200 step (SPEC.md anchors)" if device_type == "cuda"
+            why = ("auto: channels_last_3d slowed the H200 step (docs/performance.md)"
+                   if device_type == "cuda"
                    else f"auto: not measured on {device_type}")
             reasons.append(("memory_format", why))
 
@@ -227,7 +228,7 @@ def resolve_speed(
     compiled = cfg.compile
     if compiled == AUTO:
         compiled = device_type == "cuda"
-        why = ("auto: on for CUDA (SPEC.md: 82 -> 42 ms per w=48 fp16 step)" if compiled
+        why = ("auto: on for CUDA (docs/method.md: 82 -> 42 ms per w=48 fp16 step)" if compiled
                else "auto: off on CPU (compilation takes minutes on a few cores)" if device_type == "cpu"
                else f"auto: not tested on {device_type}")
         reasons.append(("compile", why))

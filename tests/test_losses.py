@@ -1,4 +1,4 @@
-"""Tests for brats_lightning/losses.py (SPEC.md "Loss"), against hand-computed values."""
+"""Tests for brats_lightning/losses.py (docs/method.md "Loss"), against hand-computed values."""
 
 from __future__ import annotations
 

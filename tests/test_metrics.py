@@ -55,7 +55,7 @@ def brute_hd95(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float, float]
 
 
 def uncropped_hd95(a: np.ndarray, b: np.ndarray, spacing: tuple[float, float, float]) -> float:
-    """The SPEC.md recipe applied to the whole volume, no bounding box."""
+    """The docs/method.md recipe applied to the whole volume, no bounding box."""
     structure = ndimage.generate_binary_structure(3, 1)
     sa = a ^ ndimage.binary_erosion(a, structure=structure, border_value=0)
     sb = b ^ ndimage.binary_erosion(b, structure=structure, border_value=0)

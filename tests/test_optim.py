@@ -1,5 +1,5 @@
 """Tests of brats_lightning/optim.py: Ranger under a real Lightning Trainer, gradient centralization, and the
-per-epoch schedules against their closed forms (paper section 2.5, SPEC.md "Training")."""
+per-epoch schedules against their closed forms (paper section 2.5, docs/method.md "Training")."""
 
 from __future__ import annotations
 
@@ -164,7 +164,7 @@ def _trainer(tmp_path: Path) -> pl.Trainer:
 
 
 def test_torch_optimizer_ranger_fails_under_lightning(tmp_path):
-    """The trap (SPEC.md "Known traps"): torch-optimizer's Ranger ignores Lightning's closure."""
+    """The trap (docs/method.md "Known traps"): torch-optimizer's Ranger ignores Lightning's closure."""
     with pytest.raises(Exception, match="closure"):
         _trainer(tmp_path).fit(_Regression("torch_optimizer"), _regression_loader())
 

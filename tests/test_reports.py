@@ -18,7 +18,7 @@ from brats_lightning.reports import CSV_COLUMNS, cv_report
 def write_run(outputs: Path, pipeline: str, model: str, fold: int, dice: tuple[float, float, float] | None,
               exclude: list[str] | None = None, swa: tuple[float, float, float] | None = None,
               sub: str = "", experiment: str | None = None) -> Path:
-    """A run.json with the CONTRACTS.md keys; dice = (ET, TC, WT) or None for an unfinished run."""
+    """A run.json with the docs/contracts.md keys; dice = (ET, TC, WT) or None for an unfinished run."""
     run_dir = outputs / sub / pipeline / model / f"fold{fold}"
     run_dir.mkdir(parents=True, exist_ok=True)
 

@@ -115,7 +115,8 @@ def test_auto_choices_per_device() -> None:
     mps = speed.resolve_speed({}, "mps", "32-true")
     assert (mps.memory_format, mps.cudnn_benchmark, mps.compile) == ("contiguous", False, False)
     reasons = dict(cuda.reasons)
-    assert set(reasons) == {"memory_format", "cudnn_benchmark", "compile"} and "SPEC.md" in reasons["compile"]
+    assert set(reasons) == {"memory_format", "cudnn_benchmark", "compile"}
+    assert "docs/method.md" in reasons["compile"]
     assert "memory_format=contiguous" in cuda.describe() and "compile=True (mode default)" in cuda.describe()
 
 
@@ -308,7 +309,7 @@ def test_compiled_training_matches_eager_and_checkpoints_stay_plain(tmp_path) ->
     reading it. The network is one conv-GroupNorm-ReLU stage: the module's compile plumbing is the same for
     any network, and the whole U-Net compiles for minutes on 2 cores (benchmarks/run_all.py --compile
     compares its compiled and eager first-step losses)."""
-    from brats_lightning.inference.runs import Run, load_network
+    from brats_lightning.runs import Run, load_network
 
     batch = make_batch()
     eager = make_module({"memory_format": "contiguous", "compile": False}, width=8, stage=True)

@@ -62,7 +62,7 @@ class _ScoreAndSnapshot(pl.Callback):
 
 @pytest.mark.slow
 def test_best_checkpoint_keeps_best_epoch_not_final_weights(synthetic_root, tmp_path):
-    """The reference code overwrote "best" with the final weights (SPEC.md "Known traps")."""
+    """The reference code overwrote "best" with the final weights (docs/method.md "Known traps")."""
     pl.seed_everything(0)
     cfg = OmegaConf.create({"pipeline": OmegaConf.load(REPO / "conf" / "pipeline" / "A.yaml")})
     cfg.pipeline.epochs, cfg.pipeline.optimizer.lr = 3, 1e-2

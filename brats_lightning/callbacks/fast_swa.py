@@ -1,6 +1,7 @@
 """Fast SWA ("self-ensembling") after the main schedule, as a Lightning callback.
 
-Paper section 2.4 / SPEC.md "Training" (pipeline A): after the main schedule (200 epochs of Ranger), training
+Paper section 2.4 / docs/method.md "Training" (pipeline A): after the main schedule (200 epochs of Ranger),
+training
 continues in the same run for ``cycles`` (5) cycles of ``cycle_epochs`` (30) epochs; each cycle starts a fresh
 Adam (no weight decay) at ``lr`` (5e-5) whose lr follows a cosine decay within the cycle, stepped once per
 epoch; every ``snapshot_every`` (3) epochs the weights join an equal-weight running average (float32), seeded
@@ -8,9 +9,10 @@ with the weights at the end of the main schedule: 1 + 150 / 3 = 51 snapshots wit
 networks use GroupNorm (no running statistics), so no batch-norm update follows. At the end the averaged
 weights are validated (logged as ``val_swa/<metric>``) and saved as their own ordinary Lightning
 checkpoint ``checkpoints/swa.ckpt`` (``state_dict`` keys ``net.*``), which inference prefers
-(:mod:`brats_lightning.inference.runs`).
+(:mod:`brats_lightning.runs`).
 
-Why not Lightning's callbacks (SPEC.md "Known traps"): ``StochasticWeightAveraging`` has no restarts and
+Why not Lightning's callbacks (docs/method.md "Known traps"): ``StochasticWeightAveraging`` has no restarts
+and
 no snapshots (it averages every epoch after a start epoch with one SWALR schedule), and ``WeightAveraging``
 writes the averaged weights (initially the untrained ones) into every checkpoint's ``state_dict``.
 
@@ -19,7 +21,7 @@ Epochs (0-based, ``M = main_epochs``, ``C = cycle_epochs``): epoch ``e >= M`` be
 ``t = e - M - k C``. After epoch ``e`` (``d = e + 1`` epochs done): ``d = M`` seeds the average;
 ``d > M`` with ``(d - M) % snapshot_every == 0`` adds a snapshot.
 
-Interruption (SPEC.md "Known traps": the reference code's resume crashed): the running average, the
+Interruption (docs/method.md "Known traps": the reference code's resume crashed): the running average, the
 snapshot count and the current cycle live in the callback's ``state_dict``, saved in every checkpoint. The
 optimizer of each cycle is swapped in (``trainer.strategy.optimizers`` / ``lr_scheduler_configs``) at the
 end of the epoch before the cycle starts, before that epoch's ``last.ckpt`` is written, so each checkpoint

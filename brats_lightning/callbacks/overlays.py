@@ -1,6 +1,6 @@
 """Validation overlays and per-case Dice during training (paper Fig. 3 style), saved as PNG and sent to W&B.
 
-:class:`OverlayCallback` reads the validation batches and outputs of CONTRACTS.md (Training):
+:class:`OverlayCallback` reads the validation batches and outputs of docs/contracts.md ("Validation outputs"):
 ``batch = {"image": (B, 4, X', Y', Z'), "target": bool (B, 3, X, Y, Z), "case_id": [...], "box": [...]}`` and
 ``outputs = {"pred_regions": bool (B, 3, X, Y, Z), ...}`` from ``validation_step``. The image may be
 zero-padded beyond the target: when the batch has ``box`` (one ``{"start", "stop"}`` dict or

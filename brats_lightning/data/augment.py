@@ -1,6 +1,6 @@
 """Batched, per-sample data augmentation that runs on the tensors' device (GPU after the transfer).
 
-Paper section 2.4 / SPEC.md "Augmentation". Every probability is drawn independently per sample (the
+Paper section 2.4 / docs/method.md "Augmentation". Every probability is drawn independently per sample (the
 reference code shared one draw across the batch). Order: channel rescale, intensity shift, Gaussian noise,
 channel drop, flips. Flips act on images and target alike; the other steps touch the images only.
 
@@ -33,7 +33,7 @@ def _range(name: str, value: Sequence[float]) -> tuple[float, float]:
 
 
 class BatchAugment(nn.Module):
-    """Per-sample random augmentation of a batch (SPEC.md "Augmentation").
+    """Per-sample random augmentation of a batch (docs/method.md "Augmentation").
 
     Randomness comes from torch's global RNG of the tensors' device (seed with ``torch.manual_seed`` /
     Lightning's ``seed_everything``). A probability of 0 skips the step entirely (the input is returned
@@ -153,10 +153,11 @@ class BatchAugment(nn.Module):
 
 
 def pipeline_a() -> BatchAugment:
-    """Pipeline A's augmentation (SPEC.md table): rescale 80%, noise always, channel drop 16%, flips 80%."""
+    """Pipeline A's augmentation (docs/method.md table): rescale 80%, noise always, channel drop 16%, flips
+    80%."""
     return BatchAugment(rescale_p=0.8, shift_p=0.0, noise_p=1.0, drop_channel_p=0.16, flip_p=0.8)
 
 
 def pipeline_b() -> BatchAugment:
-    """Pipeline B's augmentation (SPEC.md table): rescale 20%, shift 20%, noise always, flips 50%."""
+    """Pipeline B's augmentation (docs/method.md table): rescale 20%, shift 20%, noise always, flips 50%."""
     return BatchAugment(rescale_p=0.2, shift_p=0.2, noise_p=1.0, drop_channel_p=0.0, flip_p=0.5)

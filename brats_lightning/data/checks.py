@@ -1,4 +1,4 @@
-"""Data set checks: find every problem in a BraTS folder and report them all at once (SPEC.md "Data").
+"""Data set checks: find every problem in a BraTS folder and report them all at once (docs/method.md "Data").
 
 ``check_dataset(root)`` reads every file and reports: missing modalities, duplicate case ids, unreadable or
 truncated files (gzip errors), files of one case whose shapes or affines differ, non-finite voxels,

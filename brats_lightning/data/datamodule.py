@@ -1,7 +1,7 @@
 """LightningDataModule: checked data, cached preprocessing, k-fold split, random crops, whole-brain
 validation.
 
-Paper sections 2.3 and 2.5 / SPEC.md "Preprocessing", "Training". Per run:
+Paper sections 2.3 and 2.5 / docs/method.md "Preprocessing", "Training". Per run:
 
 1. (synthetic data only) the data set is generated when its folder is missing;
 2. the fast data check (:func:`brats_lightning.data.checks.check_dataset` with ``fast=True``) runs before
@@ -124,7 +124,8 @@ class _CachedCases:
 
 
 class CropDataset(Dataset):
-    """Training samples: a random crop per case (SPEC.md "Preprocessing": random 128^3 crop in the brain box).
+    """Training samples: a random crop per case (docs/method.md "Preprocessing": random 128^3 crop in the
+    brain box).
 
     Items: ``{"image": float32 (4, *size), "target": bool (3, *size) regions ET/TC/WT, "case_id": str}``.
 
@@ -156,7 +157,7 @@ class CropDataset(Dataset):
 
 
 class WholeBrainDataset(Dataset):
-    """Validation samples: the whole brain box padded to a multiple of 8 (SPEC.md "Inference").
+    """Validation samples: the whole brain box padded to a multiple of 8 (docs/method.md "Inference").
 
     Items: ``{"image": float32 (4, X', Y', Z') padded, "target": bool (3, X, Y, Z) unpadded regions,
     "case_id": str, "box": {"start": [...], "stop": [...]}`` (where the data lies in the padded image;

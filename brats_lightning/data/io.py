@@ -1,4 +1,5 @@
-"""NIfTI reading and writing that keeps affine and header, with atomic writes (SPEC.md "Data", "Inference").
+"""NIfTI reading and writing that keeps affine and header, with atomic writes (docs/method.md "Data",
+"Inference").
 
 Every write goes to a temporary file in the destination folder that is renamed onto the destination only
 once it is complete (``os.replace``), so an interrupted run never leaves a truncated file behind. The

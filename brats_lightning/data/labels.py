@@ -1,6 +1,6 @@
 """Label maps <-> tumour regions (ET, TC, WT), defined once for every label convention.
 
-SPEC.md "Data": BraTS 2020/2021 label maps use 0 background, 1 necrosis / non-enhancing core (NCR/NET),
+docs/method.md "Data": BraTS 2020/2021 label maps use 0 background, 1 necrosis / non-enhancing core (NCR/NET),
 2 edema (ED), 4 enhancing tumour (ET); BraTS 2023 (GLI) uses 3 for ET. The network predicts the nested
 regions ET = {et}, TC = {1, et}, WT = {1, 2, et} (paper section 2.2), and inference turns regions back into a
 label map with "ET -> et; TC and not ET -> 1; WT and not TC -> 2" (paper section 2.5).
@@ -25,7 +25,7 @@ REGIONS: tuple[str, str, str] = ("ET", "TC", "WT")
 
 @dataclass(frozen=True)
 class LabelConvention:
-    """The label codes of one BraTS edition (SPEC.md "Data").
+    """The label codes of one BraTS edition (docs/method.md "Data").
 
     Attributes:
         name: ``"brats2020"`` (also BraTS 2021) or ``"brats2023"``.

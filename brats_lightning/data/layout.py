@@ -1,4 +1,4 @@
-"""Find BraTS cases on disk (SPEC.md "Data").
+"""Find BraTS cases on disk (docs/method.md "Data").
 
 Three namings are recognised, per case folder:
 

@@ -1,4 +1,4 @@
-"""Intensity normalization, one small class per scheme (paper section 2.3, SPEC.md "Preprocessing").
+"""Intensity normalization, one small class per scheme (paper section 2.3, docs/method.md "Preprocessing").
 
 Both schemes work per modality on that modality's non-zero voxels (the brain); voxels that are zero in the
 raw image (the background) stay exactly 0. Results are float32, computed in float64 statistics, so integer

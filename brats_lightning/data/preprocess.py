@@ -1,5 +1,5 @@
 """Brain box, crop / pad helpers and the on-disk cache of preprocessed cases (paper section 2.3,
-SPEC.md "Preprocessing").
+docs/method.md "Preprocessing").
 
 A case is preprocessed once per normalization: images normalized per modality, then cropped to the
 brain box (the smallest box holding every non-zero voxel of any modality). The cache stores the cropped

@@ -1,4 +1,4 @@
-"""Deterministic k-fold cross-validation splits, saved to JSON and reused (SPEC.md "Training").
+"""Deterministic k-fold cross-validation splits, saved to JSON and reused (docs/method.md "Training").
 
 Folds come from sklearn's ``KFold(n_splits, shuffle=True, random_state=seed)`` over the *sorted* case
 ids, so they depend only on the set of ids, the fold count and the seed: identical on any machine. The

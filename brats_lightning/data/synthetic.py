@@ -1,4 +1,4 @@
-"""A synthetic BraTS-like data set on real anatomy: the suite's embedded default data (SPEC.md "Data").
+"""A synthetic BraTS-like data set on real anatomy: the suite's embedded default data (docs/method.md "Data").
 
 Real BraTS data can't be redistributed, so tests, demos and the CPU recipe run on cases generated here.
 Each case starts from the MNI152 2009 templates shipped inside nilearn (T1 brain mask, grey and white

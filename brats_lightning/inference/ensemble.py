@@ -5,7 +5,7 @@ Driven by ``python ensemble.py`` (Hydra, ``conf/ensemble.yaml``; ``make ensemble
 1. for each pipeline in ``pipelines`` (A: best two runs per fold, B: all runs), find its runs under ``runs``
    and predict every case of ``dataset`` with TTA (:class:`~brats_lightning.inference.predictor.Predictor`),
    out of fold when ``oof=true``; label maps and probabilities go to ``<pred_dir>/<pipeline>/``;
-2. merge A and B label maps with the SPEC.md table into ``<pred_dir>/merged/``;
+2. merge A and B label maps with the docs/method.md table into ``<pred_dir>/merged/``;
 3. when the data set has labels, score A, B and merged with
    :func:`brats_lightning.evaluate.evaluate_folder` into ``<eval_dir>/<name>/`` (with ``oof=true`` the
    default ``eval_dir`` is ``<runs>/oof``, where ``brats-lightning cv-report`` finds the rows);
@@ -83,7 +83,7 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     from brats_lightning.data.layout import find_cases
     from brats_lightning.inference.merge import merge_folders
     from brats_lightning.inference.predictor import PredictOptions, Predictor
-    from brats_lightning.inference.runs import find_runs, select_runs
+    from brats_lightning.runs import find_runs, select_runs
 
     runs_dir, data = Path(cfg.runs), Path(cfg.dataset)
     pred_dir, eval_dir = Path(cfg.pred_dir), Path(cfg.eval_dir)

@@ -1,8 +1,9 @@
-"""Merge pipeline A's and pipeline B's label maps (paper section 3.4, "Second step"; SPEC.md Inference table).
+"""Merge pipeline A's and pipeline B's label maps (paper section 3.4, "Second step"; docs/method.md
+Inference table).
 
 Where A says background or edema and B says background or edema, B's label wins; everywhere else
 (A says NCR/NET or ET, or B says NCR/NET or ET) A's label stands. The paper prints the table with B's
-labels as rows; SPEC.md gives it with A's labels as rows.
+labels as rows; docs/method.md gives it with A's labels as rows.
 
 Command line: ``brats-lightning merge --a DIR --b DIR --out DIR [--convention auto|brats2020|brats2023]``.
 Each folder holds one ``<CASE>.nii.gz`` label map per case (as written by ``brats-lightning predict``).
@@ -11,7 +12,6 @@ Each folder holds one ``<CASE>.nii.gz`` label map per case (as written by ``brat
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 from pathlib import Path
 
@@ -25,17 +25,13 @@ from brats_lightning.data.labels import (
     get_convention,
     unexpected_labels,
 )
+from brats_lightning.predictions import label_map_paths, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
 
-MANIFEST = "prediction.json"
-"""Name of the small JSON file that ``predict`` and ``merge`` write next to their label maps."""
-
-UNCERTAINTY_SUFFIXES = ("_unc_enhance", "_unc_core", "_unc_whole")
-
 
 def merge_labels(a: np.ndarray, b: np.ndarray, convention: LabelConvention = BRATS2020) -> np.ndarray:
-    """Merge two label maps voxel-wise with the SPEC.md table.
+    """Merge two label maps voxel-wise with the docs/method.md table.
 
     Args:
         a: pipeline A's label map (integer codes of ``convention``).
@@ -52,38 +48,6 @@ def merge_labels(a: np.ndarray, b: np.ndarray, convention: LabelConvention = BRA
     soft = (0, convention.ed)
     b_wins = np.isin(a, soft) & np.isin(b, soft)
     return np.where(b_wins, b, a).astype(np.uint8)
-
-
-def label_map_paths(folder: str | Path) -> dict[str, Path]:
-    """``{case_id: path}`` of the label maps ``<CASE>.nii.gz`` in ``folder`` (uncertainty maps excluded)."""
-    folder = Path(folder)
-    if not folder.is_dir():
-        raise FileNotFoundError(f"{folder}: no such folder; expected a folder of <CASE>.nii.gz label maps")
-    found = {}
-    for path in sorted(folder.glob("*.nii.gz")):
-        case_id = path.name[: -len(".nii.gz")]
-        if case_id.endswith(UNCERTAINTY_SUFFIXES) or path.name.startswith("."):
-            continue
-        found[case_id] = path
-    return found
-
-
-def read_manifest(folder: str | Path) -> dict | None:
-    """The folder's ``prediction.json`` (written by predict/merge), or None when there is none."""
-    path = Path(folder) / MANIFEST
-    if not path.is_file():
-        return None
-    return json.loads(path.read_text())
-
-
-def write_manifest(folder: str | Path, manifest: dict) -> Path:
-    """Write ``prediction.json`` into ``folder`` atomically."""
-    from brats_lightning.data.io import atomic_path
-
-    path = Path(folder) / MANIFEST
-    with atomic_path(path) as tmp:
-        Path(tmp).write_text(json.dumps(manifest, indent=2) + "\n")
-    return path
 
 
 def _folder_convention(folder: Path) -> LabelConvention | None:

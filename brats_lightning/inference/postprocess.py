@@ -1,7 +1,8 @@
 """Enhancing-tumour post-processing (beyond the paper; off by default).
 
 BraTS scores a case whose ground truth has no enhancing tumour with ET Dice 1 only when the prediction
-has none either (SPEC.md Evaluation, empty rules), so a few false-positive ET voxels cost a full point of
+has none either (docs/method.md Evaluation, empty rules), so a few false-positive ET voxels cost a full
+point of
 Dice on that case. The usual remedy: when the predicted ET holds fewer than ``T`` voxels, relabel those
 voxels NCR/NET (label 1). That keeps TC and WT unchanged (ET and NCR/NET are both tumour core).
 ``T`` is chosen on out-of-fold predictions of the training set (:func:`choose_et_threshold`) and applied
@@ -82,8 +83,8 @@ def choose_et_threshold(
     from brats_lightning.data.io import load_case, load_volume, to_label_map
     from brats_lightning.data.labels import get_convention, labels_to_regions
     from brats_lightning.data.layout import find_cases
-    from brats_lightning.inference.merge import label_map_paths, read_manifest
     from brats_lightning.metrics import case_metrics
+    from brats_lightning.predictions import label_map_paths, read_manifest
 
     if not candidates:
         raise ValueError("choose_et_threshold: no candidate thresholds given")

@@ -1,4 +1,4 @@
-"""Ensemble inference over trained runs (paper section 3.4 "First step"; SPEC.md Inference).
+"""Ensemble inference over trained runs (paper section 3.4 "First step"; docs/method.md Inference).
 
 For each case: preprocess with the runs' normalization, crop to the brain box, zero-pad each side to a
 multiple of 8, run every model on the 16 TTA views, average the sigmoid probabilities over views and
@@ -30,9 +30,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from brats_lightning.inference.runs import Run, check_compatible, find_runs, load_network, select_runs
-from brats_lightning.inference.tta import get_views, iter_view_probabilities, resolve_amp_dtype
+from brats_lightning.inference.tta import get_views, iter_view_probabilities
 from brats_lightning.inference.uncertainty import UNCERTAINTY_KINDS, RunningStats, uncertainty_maps
+from brats_lightning.precision import resolve_amp_dtype, resolve_device
+from brats_lightning.runs import Run, check_compatible, find_runs, load_network, select_runs
 from brats_lightning.speed import InferenceNet, resolve_speed
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ THRESHOLD = 0.5
 """Per-region probability threshold (paper section 3.4)."""
 
 PAD_MULTIPLE = 8
-"""Input sides must be multiples of 8: the network pools three times (SPEC.md Network)."""
+"""Input sides must be multiples of 8: the network pools three times (docs/method.md Network)."""
 
 
 @dataclass
@@ -80,16 +81,6 @@ class PredictOptions:
         if unknown:
             raise ValueError(f"unknown prediction options {unknown}; expected some of {sorted(names)}")
         return cls(**dict(mapping))
-
-
-def resolve_device(device: str) -> torch.device:
-    """"auto" -> CUDA when available, else CPU; other strings are passed to torch.device (checked)."""
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    resolved = torch.device(device)
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device}: CUDA is not available on this machine; use --device cpu/auto")
-    return resolved
 
 
 def channel_indices(channels: Sequence[str]) -> list[int]:
@@ -189,7 +180,7 @@ class Predictor:
     """Predict cases with an ensemble of runs that share normalization, label convention and channels.
 
     Args:
-        runs: the ensemble (see :func:`brats_lightning.inference.runs.select_runs`).
+        runs: the ensemble (see :func:`brats_lightning.runs.select_runs`).
         options: prediction options.
     """
 
@@ -250,7 +241,7 @@ class Predictor:
         """
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-        from brats_lightning.inference.merge import read_manifest, write_manifest
+        from brats_lightning.predictions import read_manifest, write_manifest
 
         out_dir = Path(out_dir)
         out_dir.mkdir(parents=True, exist_ok=True)

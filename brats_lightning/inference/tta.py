@@ -1,4 +1,4 @@
-"""Test-time augmentation: the 16 distinct axial views and their exact inverses (SPEC.md, Inference).
+"""Test-time augmentation: the 16 distinct axial views and their exact inverses (docs/method.md, Inference).
 
 The paper (section 3.4, "First step") averages 16 views per model: {no flip, flip along one of the
 3 axes} x {0, 1, 2, 3 quarter-turns in the axial plane}. That set holds only 12 distinct transforms
@@ -15,16 +15,11 @@ from __future__ import annotations
 
 import contextlib
 import itertools
-import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-
-from brats_lightning.precision import cpu_supports_bf16
-
-log = logging.getLogger(__name__)
 
 AXIAL_DIMS = (-3, -2)
 """The in-plane (axial) spatial dims of a (..., x, y, z) tensor."""
@@ -67,7 +62,7 @@ class View:
         return x
 
     def inverse(self, x: torch.Tensor) -> torch.Tensor:
-        """Undo the view exactly: rotate back first, then flip (SPEC.md, Known traps)."""
+        """Undo the view exactly: rotate back first, then flip (docs/method.md, Known traps)."""
         if self.k:
             x = torch.rot90(x, -self.k, AXIAL_DIMS)
         if self.flip_dims:
@@ -88,7 +83,7 @@ VIEWS: tuple[View, ...] = tuple(
     for fx, fz in itertools.product((False, True), repeat=2)
     for k in range(4)
 )
-"""The 16 distinct views of SPEC.md: {no flip, flip x} x {no flip, flip z} x 4 axial rotations."""
+"""The 16 distinct views of docs/method.md: {no flip, flip x} x {no flip, flip z} x 4 axial rotations."""
 
 FLIP_VIEWS: tuple[View, ...] = tuple(
     View(flip_dims=tuple(d for d, on in zip((-3, -2, -1), mask, strict=True) if on))
@@ -110,34 +105,6 @@ def get_views(name: str) -> tuple[View, ...]:
         return VIEW_SETS[name]
     except KeyError:
         raise ValueError(f"unknown TTA view set {name!r}; expected one of {sorted(VIEW_SETS)}") from None
-
-
-def resolve_amp_dtype(device: torch.device | str, precision: str = "auto") -> torch.dtype | None:
-    """Autocast dtype for inference on ``device``.
-
-    Args:
-        device: where the network runs.
-        precision: "auto" (fp16 on CUDA, bf16 on a CPU that supports it, else fp32), "fp32", "bf16" or "fp16".
-
-    Returns:
-        The autocast dtype, or None for plain fp32.
-    """
-    device = torch.device(device)
-    if precision == "fp32":
-        return None
-    if precision == "bf16":
-        return torch.bfloat16
-    if precision == "fp16":
-        return torch.float16
-    if precision != "auto":
-        raise ValueError(f"precision={precision!r}: expected auto, fp32, bf16 or fp16")
-    if device.type == "cuda":
-        return torch.float16
-    if device.type == "cpu":
-        if cpu_supports_bf16():
-            return torch.bfloat16
-        log.info("this CPU has no native bf16: inference runs in fp32")
-    return None
 
 
 def _autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
@@ -197,7 +164,7 @@ def tta_predict(
     view_batch_size: int = 4,
     amp_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
-    """Mean sigmoid probability over ``views`` (SPEC.md, Inference: TTA).
+    """Mean sigmoid probability over ``views`` (docs/method.md, Inference: TTA).
 
     Accumulates in float64 so the mean of identical views is exact, returns float32.
 

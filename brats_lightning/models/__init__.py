@@ -1,4 +1,4 @@
-"""3D U-Nets of the paper (SPEC.md "Network"): ``EquiUnet``, ``Unet`` and ``AttEquiUnet``."""
+"""3D U-Nets of the paper (docs/method.md "Network"): ``EquiUnet``, ``Unet`` and ``AttEquiUnet``."""
 
 from __future__ import annotations
 

@@ -1,6 +1,7 @@
 """Building blocks of the 3D U-Nets: injectable norms, conv-norm-ReLU blocks and two-block stages.
 
-SPEC.md "Network": a block is Conv3d 3x3x3 (padding = dilation, no bias) -> Norm -> ReLU, a stage is two
+docs/method.md "Network": a block is Conv3d 3x3x3 (padding = dilation, no bias) -> Norm -> ReLU, a stage is
+two
 blocks. The norm is injected as a callable ``norm(num_channels) -> nn.Module`` (house style 1), so Hydra can
 swap GroupNorm (pipeline A) for InstanceNorm (pipeline B) with ``_partial_: true``.
 """
@@ -53,7 +54,7 @@ def instance_norm(num_channels: int) -> nn.InstanceNorm3d:
 
 
 class ConvNormAct(nn.Sequential):
-    """Conv3d 3x3x3 (no bias, padding = dilation) -> norm -> ReLU (SPEC.md "Network", block).
+    """Conv3d 3x3x3 (no bias, padding = dilation) -> norm -> ReLU (docs/method.md "Network", block).
 
     Args:
         in_channels: input channels.
@@ -110,7 +111,8 @@ def conv1x1(in_channels: int, out_channels: int) -> nn.Conv3d:
 
 
 def init_weights(module: nn.Module) -> None:
-    """SPEC.md "Network" init: Kaiming normal (fan_out, relu) for Conv3d, conv bias 0, norm weight 1, bias 0.
+    """docs/method.md "Network" init: Kaiming normal (fan_out, relu) for Conv3d, conv bias 0, norm weight
+    1, bias 0.
 
     (The reference code left conv biases at PyTorch's default uniform init; only the 1x1x1 heads and the
     spatial-attention conv have biases, and 0 is the neutral start for logits.) Linear layers keep PyTorch's

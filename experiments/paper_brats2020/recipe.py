@@ -50,7 +50,7 @@ REGIONS = ("et", "wt", "tc")
 
 PAPER_TABLE2: dict[str, dict[str, tuple[float, float]]] = {
     # Table 2, "Ablation study: results from cross-validation on the training set", Dice mean (std) over
-    # folds, pipeline A. The rows are the three model kinds of pipeline A (SPEC.md "Training").
+    # folds, pipeline A. The rows are the three model kinds of pipeline A (docs/method.md "Training").
     "U-Net like": {"et": (0.8077, 0.011), "wt": (0.9070, 0.006), "tc": (0.8705, 0.013)},
     "+ Patients removal": {"et": (0.8126, 0.019), "wt": (0.9043, 0.005), "tc": (0.8686, 0.012)},
     "+ Attention block": {"et": (0.8144, 0.022), "wt": (0.9037, 0.008), "tc": (0.8701, 0.018)},

@@ -1,5 +1,5 @@
 """Tests of brats_lightning/callbacks/case_losses.py (CaseLossRecorder, `brats-lightning flag-cases`) and of
-patient filtering end to end (SPEC.md "Training": record per-case losses, exclusion as a config)."""
+patient filtering end to end (docs/method.md "Training": record per-case losses, exclusion as a config)."""
 
 from __future__ import annotations
 

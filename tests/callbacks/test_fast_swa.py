@@ -1,6 +1,6 @@
 """Tests of brats_lightning/callbacks/fast_swa.py (FastSWA) and conf/callbacks/fast_swa.yaml.
 
-The expected schedule, snapshot epochs and averages are computed here from the closed forms of SPEC.md
+The expected schedule, snapshot epochs and averages are computed here from the closed forms of docs/method.md
 "Training" (fast SWA) and from copies of the weights taken by a recording callback, not from the callback's
 own helpers.
 """
@@ -20,10 +20,9 @@ from torch.utils.data import DataLoader, TensorDataset
 from brats_lightning.callbacks.fast_swa import FastSWA, register_resolvers
 from brats_lightning.checkpointing import AtomicCheckpointIO, RandomStateCheckpoint, last_checkpoint
 from brats_lightning.data.datamodule import BratsDataModule
-from brats_lightning.inference.runs import read_run
 from brats_lightning.module import BratsModule
 from brats_lightning.optim import Ranger, build_optimizer, build_scheduler
-from brats_lightning.runs import ResumableCSVLogger, callback_records, write_run_record
+from brats_lightning.runs import ResumableCSVLogger, callback_records, read_run, write_run_record
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -33,7 +32,7 @@ TOTAL = MAIN + CYCLES * CYCLE  # 8
 
 
 def expected_swa_lr(epoch: int, main: int, cycle_epochs: int, lr: float) -> float:
-    """SPEC.md: each cycle restarts at lr with a per-epoch cosine decay to 0 over the cycle."""
+    """docs/method.md: each cycle restarts at lr with a per-epoch cosine decay to 0 over the cycle."""
     t = (epoch - main) % cycle_epochs
     return lr * 0.5 * (1 + math.cos(math.pi * t / cycle_epochs))
 

@@ -46,7 +46,8 @@ def collate(samples: list[dict]) -> dict:
 
 
 class TinyModule(pl.LightningModule):
-    """A one-layer conv net that returns the contract's validation outputs (CONTRACTS.md, Training)."""
+    """A one-layer conv net that returns the contract's validation outputs (docs/contracts.md, "Validation
+    outputs")."""
 
     def __init__(self) -> None:
         super().__init__()

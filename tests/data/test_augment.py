@@ -1,4 +1,4 @@
-"""Tests for brats_lightning/data/augment.py (SPEC.md "Augmentation")."""
+"""Tests for brats_lightning/data/augment.py (docs/method.md "Augmentation")."""
 
 from __future__ import annotations
 

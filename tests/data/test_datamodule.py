@@ -17,7 +17,8 @@ from brats_lightning.data.splits import make_folds
 
 
 def _regions(labels: np.ndarray) -> np.ndarray:
-    """ET = {4}, TC = {1, 4}, WT = {1, 2, 4} (SPEC.md "Data"), written out independently of labels.py."""
+    """ET = {4}, TC = {1, 4}, WT = {1, 2, 4} (docs/method.md "Data"), written out independently of
+    labels.py."""
     labels = np.asarray(labels)
     et, ncr, ed = labels == 4, labels == 1, labels == 2
     return np.stack([et, ncr | et, ncr | ed | et])

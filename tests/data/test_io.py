@@ -1,4 +1,4 @@
-"""NIfTI I/O keeping affine and header, atomic writes (SPEC.md "Data", "Inference")."""
+"""NIfTI I/O keeping affine and header, atomic writes (docs/method.md "Data", "Inference")."""
 
 from __future__ import annotations
 

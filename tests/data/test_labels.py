@@ -1,4 +1,4 @@
-"""Label map <-> region conversion for both label conventions (SPEC.md "Data", "Inference")."""
+"""Label map <-> region conversion for both label conventions (docs/method.md "Data", "Inference")."""
 
 from __future__ import annotations
 
@@ -33,7 +33,8 @@ def test_conventions():
 
 
 @pytest.mark.parametrize(("convention", "expected"), [
-    # label code -> (ET, TC, WT), written out by hand from SPEC.md: ET = {et}, TC = {1, et}, WT = {1, 2, et}
+    # label code -> (ET, TC, WT), written out by hand from docs/method.md: ET = {et}, TC = {1, et}, WT =
+    # {1, 2, et}
     (BRATS2020, {0: (0, 0, 0), 1: (0, 1, 1), 2: (0, 0, 1), 4: (1, 1, 1)}),
     (BRATS2023, {0: (0, 0, 0), 1: (0, 1, 1), 2: (0, 0, 1), 3: (1, 1, 1)}),
 ])

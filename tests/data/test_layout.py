@@ -1,4 +1,4 @@
-"""Case discovery for BraTS 2020, 2021 and 2023 namings (SPEC.md "Data")."""
+"""Case discovery for BraTS 2020, 2021 and 2023 namings (docs/method.md "Data")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Normalizations A (percentile min-max) and B (z-score) on non-zero voxels (SPEC.md "Preprocessing")."""
+"""Normalizations A (percentile min-max) and B (z-score) on non-zero voxels (docs/method.md
+"Preprocessing")."""
 
 from __future__ import annotations
 

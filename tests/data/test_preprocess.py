@@ -1,4 +1,5 @@
-"""Brain box, crop / pad / uncrop, random crops and the preprocessed cache (SPEC.md "Preprocessing")."""
+"""Brain box, crop / pad / uncrop, random crops and the preprocessed cache (docs/method.md
+"Preprocessing")."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Deterministic k-fold splits saved to JSON, exclusion from training only (SPEC.md "Training")."""
+"""Deterministic k-fold splits saved to JSON, exclusion from training only (docs/method.md "Training")."""
 
 from __future__ import annotations
 

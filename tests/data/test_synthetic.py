@@ -1,4 +1,4 @@
-"""The synthetic BraTS-like data set on MNI152 anatomy (SPEC.md "Data", CPU demo recipe)."""
+"""The synthetic BraTS-like data set on MNI152 anatomy (docs/method.md "Data", CPU demo recipe)."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Merge of pipeline A and B label maps: SPEC.md's table, written out literally."""
+"""Merge of pipeline A and B label maps: docs/method.md's table, written out literally."""
 
 from __future__ import annotations
 
@@ -12,9 +12,10 @@ import pytest
 
 from brats_lightning.cli import main as cli_main
 from brats_lightning.data.labels import BRATS2020, BRATS2023
-from brats_lightning.inference.merge import merge_folders, merge_labels, read_manifest, write_manifest
+from brats_lightning.inference.merge import merge_folders, merge_labels
+from brats_lightning.predictions import read_manifest, write_manifest
 
-# SPEC.md "Inference": rows are A's label, columns B's label (0, 1, 2, 4).
+# docs/method.md "Inference": rows are A's label, columns B's label (0, 1, 2, 4).
 SPEC_TABLE = {
     0: {0: 0, 1: 0, 2: 2, 4: 0},
     1: {0: 1, 1: 1, 2: 1, 4: 1},

@@ -1,4 +1,4 @@
-"""Ensemble prediction end to end on tiny real runs (SPEC.md Inference)."""
+"""Ensemble prediction end to end on tiny real runs (docs/method.md Inference)."""
 
 from __future__ import annotations
 
@@ -21,7 +21,7 @@ from brats_lightning.inference.predictor import (
     load_probabilities,
     predict_folder,
 )
-from brats_lightning.inference.runs import find_runs, read_run
+from brats_lightning.runs import find_runs, read_run
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -14,7 +14,7 @@ import pandas as pd
 import pytest
 
 from brats_lightning.inference.merge import merge_labels
-from brats_lightning.inference.runs import find_runs
+from brats_lightning.runs import find_runs
 
 REPO = Path(__file__).resolve().parents[2]
 

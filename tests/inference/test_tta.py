@@ -1,4 +1,4 @@
-"""Properties of the TTA views (SPEC.md, Inference and Known traps)."""
+"""Properties of the TTA views (docs/method.md, Inference and Known traps)."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ from brats_lightning.inference.tta import (
     View,
     get_views,
     iter_view_probabilities,
-    resolve_amp_dtype,
     tta_predict,
 )
+from brats_lightning.precision import resolve_amp_dtype
 
 
 class FirstThreeChannels(nn.Module):

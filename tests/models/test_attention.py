@@ -1,4 +1,4 @@
-"""Tests for brats_lightning/models/attention.py (CBAM, SPEC.md "Network" attention variant)."""
+"""Tests for brats_lightning/models/attention.py (CBAM, docs/method.md "Network" attention variant)."""
 
 from __future__ import annotations
 

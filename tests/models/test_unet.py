@@ -1,4 +1,4 @@
-"""Tests for brats_lightning/models/unet.py (SPEC.md "Network")."""
+"""Tests for brats_lightning/models/unet.py (docs/method.md "Network")."""
 
 from __future__ import annotations
 
@@ -99,7 +99,7 @@ def test_parameter_counts_w48(cls: type[nn.Module], kwargs: dict, expected: dict
 def test_equiunet_w48_matches_measured_anchor() -> None:
     total = sum(EQUIUNET_48.values())
     assert total == 23_154_735
-    assert math.isclose(total / 1e6, 23.15, abs_tol=0.005)  # SPEC.md "Measured anchors"
+    assert math.isclose(total / 1e6, 23.15, abs_tol=0.005)  # docs/method.md "Measured anchors"
     assert n_params(EquiUnet(width=48)) == total
     # InstanceNorm(affine) has as many parameters as GroupNorm; no deep heads -> 4 heads fewer.
     assert n_params(EquiUnet(width=48, norm=instance_norm)) == total
@@ -231,4 +231,4 @@ def test_equiunet_w48_flops_match_stage_resolutions() -> None:
     with FlopCounterMode(display=False) as counter:
         net(x)
     assert counter.get_total_flops() == 2 * macs
-    assert math.isclose(2 * macs / 1e12, 2.0, rel_tol=0.005)  # SPEC.md anchor: forward 2.0 TFLOP
+    assert math.isclose(2 * macs / 1e12, 2.0, rel_tol=0.005)  # docs/method.md anchor: forward 2.0 TFLOP
