@@ -29,7 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks.common import describe_device, finish
+from benchmarks.common import describe_device, finish, make_main
 from brats_lightning.data.io import load_case
 from brats_lightning.data.layout import find_cases
 from brats_lightning.data.normalize import get_normalization
@@ -112,9 +112,7 @@ def run(args: argparse.Namespace) -> list[dict[str, object]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
-    return 0
+main = make_main(parse_args, run)
 
 
 if __name__ == "__main__":

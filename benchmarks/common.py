@@ -17,11 +17,12 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import logging
 import os
 import platform
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -225,3 +226,23 @@ def finish(
     if not no_record:
         json_path, md_path = record(name, info, dict(args), columns, values)
         out.print(f"saved {json_path} and appended to {md_path}")
+
+
+def setup(args: Any) -> tuple[torch.device, dict[str, Any]]:
+    """The common start of a benchmark run: ``--threads`` applied (when the script has it), ``--device``
+    checked, and the device described for the record."""
+    if getattr(args, "threads", None):
+        torch.set_num_threads(args.threads)
+    device = check_device(getattr(args, "device", "cpu"))
+    return device, describe_device(device)
+
+
+def make_main(parse_args: Callable[[list[str] | None], Any], run: Callable[[Any], Any]) -> Callable[..., int]:
+    """The ``main(argv)`` of a benchmark script: log to the console, parse, run; exit code 0."""
+
+    def main(argv: list[str] | None = None) -> int:
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        run(parse_args(argv))
+        return 0
+
+    return main

@@ -31,7 +31,14 @@ from typing import Any
 import hydra.utils
 import torch
 
-from benchmarks.common import check_device, csv_list, describe_device, finish, pipeline_config, sync
+from benchmarks.common import (
+    csv_list,
+    finish,
+    make_main,
+    pipeline_config,
+    setup,
+    sync,
+)
 from brats_lightning.data.datamodule import BratsDataModule
 from brats_lightning.data.synthetic import generate_dataset
 
@@ -127,8 +134,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the benchmark described by parsed ``args``; print and record the table; return its rows."""
-    device = check_device(args.device)
-    info = describe_device(device)
+    device, info = setup(args)
     pipeline = pipeline_config(args.pipeline)
     augment = None
     if not args.no_augment and pipeline.get("augment"):
@@ -158,10 +164,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(parse_args(argv))
-    return 0
+main = make_main(parse_args, run)
 
 
 if __name__ == "__main__":

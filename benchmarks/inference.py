@@ -33,7 +33,14 @@ import hydra.utils
 import numpy as np
 import torch
 
-from benchmarks.common import check_device, csv_list, describe_device, finish, pipeline_config, sync
+from benchmarks.common import (
+    csv_list,
+    finish,
+    make_main,
+    pipeline_config,
+    setup,
+    sync,
+)
 from brats_lightning.inference.predictor import predict_probabilities
 from brats_lightning.inference.tta import VIEW_SETS, get_views
 from brats_lightning.models import AttEquiUnet, EquiUnet, Unet
@@ -150,10 +157,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the benchmark described by parsed ``args``; print and record the table; return its rows."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = check_device(args.device)
-    info = describe_device(device)
+    device, info = setup(args)
     compile_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     rows = []
     for tta, view_batch, n_models, precision, fmt, compiled in itertools.product(
@@ -171,10 +175,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(parse_args(argv))
-    return 0
+main = make_main(parse_args, run)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 from scipy import ndimage
 
-from benchmarks.common import describe_device, finish
+from benchmarks.common import describe_device, finish, make_main
 from brats_lightning.data.labels import BRATS2020, labels_to_regions
 from brats_lightning.metrics import REGION_NAMES, case_metrics
 
@@ -146,9 +146,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    run(parse_args(argv))
-    return 0
+main = make_main(parse_args, run)
 
 
 if __name__ == "__main__":

@@ -43,7 +43,14 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.common import check_device, csv_list, describe_device, finish, pipeline_config, sync
+from benchmarks.common import (
+    csv_list,
+    finish,
+    make_main,
+    pipeline_config,
+    setup,
+    sync,
+)
 from brats_lightning.data.datamodule import collate_cases
 from brats_lightning.module import BratsModule
 from brats_lightning.speed import resolve_speed
@@ -307,10 +314,7 @@ def configs_from_args(args: argparse.Namespace) -> list[StepConfig]:
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the benchmark described by parsed ``args``; print and record the table; return its rows."""
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = check_device(args.device)
-    info = describe_device(device)
+    device, info = setup(args)
     rows = run_configs(configs_from_args(args), device, args.warmup, args.steps, args.compile_mode,
                        args.rounds)
     rounds = f" x {args.rounds} rounds" if args.rounds > 1 else ""
@@ -320,10 +324,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     return rows
 
 
-def main(argv: list[str] | None = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    run(parse_args(argv))
-    return 0
+main = make_main(parse_args, run)
 
 
 if __name__ == "__main__":
