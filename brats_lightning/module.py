@@ -53,8 +53,7 @@ class BratsModule(pl.LightningModule):
     augmented on the device (:class:`~brats_lightning.data.augment.BatchAugment`, training only), and the loss
     is ``DeepSupervisionLoss(DiceLoss(squared))`` (main output + 4 deep heads). Validation batches hold the
     whole brain box padded to a multiple of 8 plus the unpadding ``box`` (docs/contracts.md); logits are
-    unpadded,
-    thresholded at sigmoid > 0.5 and scored per case with :func:`~brats_lightning.metrics.region_dice`.
+    unpadded, thresholded at sigmoid > 0.5 and scored per case with :func:`~brats_lightning.metrics.region_dice`.
 
     Logged: ``train/loss`` (step and epoch), ``val/loss``, ``val/dice_et``, ``val/dice_tc``, ``val/dice_wt``,
     ``val/dice_mean`` (means over validation cases) and, when ``validation.hd95`` is true, ``val/hd95_*``.
