@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from brats_lightning.data.labels import BRATS2020, BRATS2023, LabelConvention
+from brats_lightning.errors import UserError
 
 MODALITIES: tuple[str, str, str, str] = ("t1", "t1ce", "t2", "flair")
 NIFTI_SUFFIXES: tuple[str, str] = (".nii.gz", ".nii")
@@ -82,7 +83,7 @@ class LayoutIssue:
     message: str
 
 
-class DataLayoutError(ValueError):
+class DataLayoutError(UserError, ValueError):
     """The data folder does not hold BraTS cases as expected; the message lists every problem."""
 
 
@@ -190,3 +191,60 @@ def find_cases(root: str | Path, require_labels: bool = False) -> list[Case]:
         lines = "\n".join(f"  case {i.case}: {i.message}" for i in issues)
         raise DataLayoutError(f"{len(issues)} problem(s) in data folder {Path(root)}:\n{lines}")
     return cases
+
+
+def _label_file_case(path: Path, flat: bool) -> str | None:
+    """The case id of a label file, or None when ``path`` is not one.
+
+    Names ``<CASE>_seg`` / ``<CASE>-seg`` count everywhere; a bare ``<CASE>`` only in the flat root (where
+    predictions-style names are common), and never a modality image such as ``<CASE>_t1``.
+    """
+    match = _FILE_RE.match(path.name)
+    if match is not None:
+        return match["case"] if "seg" in (match["s20"], match["s23"]) else None
+    if not flat:
+        return None
+    return path.name.removesuffix(".gz").removesuffix(".nii")
+
+
+def find_label_files(root: str | Path) -> dict[str, Path]:
+    """Ground-truth label maps under ``root``, keyed by case id (sorted): label-only folders welcome.
+
+    Accepted, and mixable: per-case folders holding ``<CASE>_seg.nii.gz`` or ``<CASE>-seg.nii.gz`` (alone,
+    as challenge validation labels are distributed, or beside the four images of an ordinary data set),
+    and flat files in ``root`` itself named ``<CASE>.nii.gz``, ``<CASE>_seg.nii.gz`` or
+    ``<CASE>-seg.nii.gz``; ``.nii`` works everywhere. Other files are ignored.
+
+    Raises:
+        UserError: ``root`` is not a folder; no label file; a case id given by two files (say
+            ``X.nii.gz`` and ``X_seg.nii``, or two folders); a case whose images are there but not its
+            seg. The message lists every such file.
+    """
+    root = Path(root)
+    if not root.is_dir():
+        raise UserError(f"ground-truth folder {root} does not exist or is not a folder; expected a folder "
+                        "of label maps (<case>_seg.nii.gz per case folder, or flat <case>.nii.gz files)")
+    found: dict[str, list[Path]] = {}
+    unlabeled: list[str] = []
+    folders = [root] + sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    for folder in folders:
+        files = _nifti_files(folder)
+        for path in files:
+            case_id = _label_file_case(path, flat=folder == root)
+            if case_id is not None:
+                found.setdefault(case_id, []).append(path)
+        matches = [_FILE_RE.match(p.name) for p in files]
+        with_images = {m["case"] for m in matches if m is not None and "seg" not in (m["s20"], m["s23"])}
+        unlabeled += [f"{case_id} in {folder}" for case_id in sorted(with_images) if case_id not in found]
+    problems = [f"case {case_id}: {len(paths)} label files ({', '.join(map(str, paths))}); expected one: "
+                "delete or move the extra ones" for case_id, paths in sorted(found.items()) if len(paths) > 1]
+    problems += [f"case {where}: images but no seg file; expected <case>_seg.nii.gz or <case>-seg.nii.gz "
+                 "next to them: add the label map or move the case out" for where in unlabeled]
+    if problems:
+        listed = "\n  ".join(problems)
+        raise UserError(f"{len(problems)} problem(s) in ground-truth folder {root}:\n  {listed}")
+    if not found:
+        raise UserError(f"no label files found in {root}; expected per-case folders holding "
+                        "<case>_seg.nii.gz (or <case>-seg.nii.gz), or flat <case>.nii.gz / <case>_seg.nii.gz "
+                        "files: point to the folder that holds them")
+    return {case_id: paths[0] for case_id, paths in sorted(found.items())}

@@ -7,7 +7,14 @@ from pathlib import Path
 import pytest
 
 from brats_lightning.data.labels import BRATS2020, BRATS2023
-from brats_lightning.data.layout import MODALITIES, DataLayoutError, find_cases, scan_dataset
+from brats_lightning.data.layout import (
+    MODALITIES,
+    DataLayoutError,
+    find_cases,
+    find_label_files,
+    scan_dataset,
+)
+from brats_lightning.errors import UserError
 
 SUFFIXES_2020 = ("t1", "t1ce", "t2", "flair")
 SUFFIXES_2023 = ("t1n", "t1c", "t2w", "t2f")
@@ -113,3 +120,66 @@ def test_nothing_found(tmp_path):
         find_cases(tmp_path)
     with pytest.raises(DataLayoutError, match="does not exist"):
         find_cases(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------------------- label-only ground truth
+def test_label_files_per_case_folders_and_flat(tmp_path):
+    for case_id, sep in (("BraTS20_Validation_001", "_"), ("BraTS-GLI-00002-000", "-")):
+        (tmp_path / case_id).mkdir()
+        (tmp_path / case_id / f"{case_id}{sep}seg.nii.gz").touch()
+    for name in ("BraTS-MEN-00003-000.nii.gz", "BraTS20_Training_004_seg.nii",
+                 "BraTS-PED-00005-000-seg.nii.gz"):
+        (tmp_path / name).touch()
+    (tmp_path / "prediction.json").write_text("{}")  # non-NIfTI files are ignored
+    (tmp_path / "BraTS20_Validation_001" / "notes.txt").touch()
+    found = find_label_files(tmp_path)
+    assert {k: v.relative_to(tmp_path).as_posix() for k, v in found.items()} == {
+        "BraTS-GLI-00002-000": "BraTS-GLI-00002-000/BraTS-GLI-00002-000-seg.nii.gz",
+        "BraTS-MEN-00003-000": "BraTS-MEN-00003-000.nii.gz",
+        "BraTS-PED-00005-000": "BraTS-PED-00005-000-seg.nii.gz",
+        "BraTS20_Training_004": "BraTS20_Training_004_seg.nii",
+        "BraTS20_Validation_001": "BraTS20_Validation_001/BraTS20_Validation_001_seg.nii.gz",
+    }
+    assert list(found) == sorted(found)
+
+
+def test_label_files_of_a_full_data_set(tmp_path):
+    make_case(tmp_path, "BraTS20_Training_001")
+    make_case(tmp_path, "BraTS-GLI-00000-000", SUFFIXES_2023, sep="-")
+    found = find_label_files(tmp_path)
+    assert {k: v.name for k, v in found.items()} == {
+        "BraTS-GLI-00000-000": "BraTS-GLI-00000-000-seg.nii.gz",
+        "BraTS20_Training_001": "BraTS20_Training_001_seg.nii.gz"}
+    folder = make_case(tmp_path / "one", "BraTS20_Training_009")  # a single case folder
+    assert {k: v.name for k, v in find_label_files(folder).items()} == {
+        "BraTS20_Training_009": "BraTS20_Training_009_seg.nii.gz"}
+
+
+@pytest.mark.parametrize("names", [
+    ("X.nii.gz", "X_seg.nii.gz"),  # flat bare name and flat seg name
+    ("X_seg.nii", "X_seg.nii.gz"),  # both extensions
+    ("X-seg.nii.gz", "sub/X-seg.nii.gz"),  # flat and in a folder
+    ("a/X_seg.nii.gz", "b/X_seg.nii.gz"),  # two folders
+])
+def test_label_files_duplicates_are_refused(tmp_path, names):
+    for name in names:
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        (tmp_path / name).touch()
+    (tmp_path / "Y_seg.nii.gz").touch()
+    with pytest.raises(UserError, match=r"case X: 2 label files \(.*\); expected one") as err:
+        find_label_files(tmp_path)
+    for name in names:
+        assert str(tmp_path / name) in str(err.value)
+
+
+def test_label_files_missing_seg_and_nothing_found(tmp_path):
+    make_case(tmp_path, "BraTS20_Training_001")
+    make_case(tmp_path, "BraTS20_Training_002", seg=False)
+    with pytest.raises(UserError, match=r"case BraTS20_Training_002 in .*BraTS20_Training_002: images but no "
+                                        r"seg file"):
+        find_label_files(tmp_path)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match=f"no label files found in {tmp_path / 'empty'}"):
+        find_label_files(tmp_path / "empty")
+    with pytest.raises(UserError, match="does not exist"):
+        find_label_files(tmp_path / "nope")
