@@ -4,10 +4,13 @@ validation.
 Paper sections 2.3 and 2.5 / docs/method.md "Preprocessing", "Training". Per run:
 
 1. (synthetic data only) the data set is generated when its folder is missing;
-2. the fast data check (:func:`brats_lightning.data.checks.check_dataset` with ``fast=True``) runs before
-   anything else and stops with every problem listed;
-3. every case is preprocessed once per normalization (pipeline A "minmax", B "zscore") into the
-   memory-mapped :class:`~brats_lightning.data.preprocess.CaseCache`;
+2. the fast data check (layout, a seg for every case, and every file's header: 3-D, pixdim vs affine, one
+   grid and affine per case) runs before anything else and stops in seconds with every problem listed;
+3. every case is checked voxel by voxel (finite values, legal labels) and preprocessed once per
+   normalization (pipeline A "minmax", B "zscore") into the memory-mapped
+   :class:`~brats_lightning.data.preprocess.CaseCache`; the bad cases of the whole data set are listed in
+   one :class:`~brats_lightning.data.checks.DataProblems` error before training starts, and a cached case is
+   never checked again;
 4. the k-fold split is loaded or created (saved as JSON next to the cache, reused by every run on this data
    set, so pipelines A and B share folds) and ``exclude`` removes cases from training only;
 5. training: one epoch is one pass over the training cases, each a random ``crop_size`` crop of its brain
@@ -33,23 +36,23 @@ import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from brats_lightning.data.checks import DataProblems, check_cases
 from brats_lightning.data.labels import labels_to_regions
-from brats_lightning.data.layout import Case, find_cases
+from brats_lightning.data.layout import Case
 from brats_lightning.data.preprocess import (
     CaseCache,
     PreprocessedCase,
+    cache_dataset,
     data_root_hash,
+    layout_problems,
     pad_to_multiple,
     random_crop,
 )
 from brats_lightning.data.splits import fold_case_ids, load_or_create_splits
 from brats_lightning.distributed import file_lock
+from brats_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
-
-
-class DataCheckError(ValueError):
-    """The data set failed the pre-training check; the message lists every problem."""
 
 
 def collate_cases(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -220,10 +223,12 @@ class BratsDataModule(pl.LightningDataModule):
         crop_size: training crop side (128 in the paper).
         foreground_prob: probability of a tumour-centred crop (0 in the paper, 0.5 in the CPU demo).
         num_workers: DataLoader workers (also the cache-building processes, at least 1).
-        check: run the fast data check in :meth:`setup`.
+        check: run the fast (headers only) data check of every case before building the cache; without it
+            header problems are found while caching (the cache checks every file either way).
         generate: ``{"n_cases", "spacing", "seed", "year"}`` to generate a synthetic set at ``root`` when
             it is missing (None for real data).
         name: the data set's short name (split file name, run.json).
+        cache_dtype: "float32" or "float16" images in the cache (:class:`CaseCache`).
     """
 
     def __init__(
@@ -243,6 +248,7 @@ class BratsDataModule(pl.LightningDataModule):
         check: bool = True,
         generate: Mapping[str, Any] | None = None,
         name: str = "data",
+        cache_dtype: str = "float32",
     ) -> None:
         super().__init__()
         self.root = Path(root).resolve()
@@ -265,8 +271,8 @@ class BratsDataModule(pl.LightningDataModule):
         self.train_cases: list[Case] = []
         self.val_cases: list[Case] = []
         self.label_convention: str | None = None
-        self.cache = CaseCache(self.cache_dir, normalization)
-        self._checked = False
+        self.cache = CaseCache(self.cache_dir, normalization, cache_dtype)
+        self._cached_cases: list[Case] | None = None
 
     @classmethod
     def from_config(cls, cfg: Any) -> BratsDataModule:
@@ -284,6 +290,7 @@ class BratsDataModule(pl.LightningDataModule):
             crop_size=data.crop_size if isinstance(data.crop_size, int) else list(data.crop_size),
             foreground_prob=data.foreground_prob, num_workers=data.num_workers, check=data.get("check", True),
             generate=None if generate is None else dict(generate), name=data.name,
+            cache_dtype=data.get("cache_dtype", "float32"),
         )
 
     def prepare_data(self) -> None:
@@ -296,35 +303,39 @@ class BratsDataModule(pl.LightningDataModule):
         if self.generate is not None:
             generate_if_missing(self.root, self.generate)
         if self.root.exists():
-            self._check_once()
-            self._build_cache(find_cases(self.root, require_labels=True))
+            self._check_and_cache()
 
-    def _build_cache(self, cases: Sequence[Case]) -> dict[str, int]:
-        """``self.cache.build(cases)`` holding ``<cache>/<normalization>/<root hash>/.build.lock``."""
-        lock = self.cache.entry_dir(cases[0]).parent / ".build.lock"
+    def _check_and_cache(self) -> list[Case]:
+        """Check every case and cache the data set once per process (see the module doc, steps 2-3), holding
+        ``<cache>/<normalization>/<root hash>/.build.lock``; returns the cases.
+
+        Raises:
+            DataProblems: every problem of the data set, before any training step.
+        """
+        if self._cached_cases is not None:
+            return self._cached_cases
+        fix = (f"fix or remove these cases (full report: `brats-lightning check-data {self.root}`), "
+               "then train again")
+        if self.check:
+            cases, problems = layout_problems(self.root, require_labels=True)
+            problems += check_cases(cases, fast=True)
+            if problems:
+                raise DataProblems(problems, f"data check of {self.root} (headers; nothing cached)",
+                                   self.root, fix)
+        cases = layout_problems(self.root)[0]
+        lock = self.cache.entry_dir(cases[0]).parent / ".build.lock" if cases else self.cache_dir / ".lock"
         with file_lock(lock, f"cache {lock.parent}"):
-            summary = self.cache.build(cases, workers=max(1, self.num_workers))
+            try:
+                cases, summary = cache_dataset(self.cache, self.root, max(1, self.num_workers),
+                                               require_labels=True)
+            except DataProblems as err:
+                raise DataProblems(err.problems, f"data check of {self.root}", self.root,
+                                   "the clean cases are cached; " + fix) from None
         if summary["built"]:
             log.info("cache %s: built %d entries, reused %d", lock.parent, summary["built"],
                      summary["reused"])
-        return summary
-
-    def _check_once(self) -> None:
-        if self.check and not self._checked:
-            self._check()
-            self._checked = True
-
-    def _check(self) -> None:
-        from brats_lightning.data.checks import check_dataset
-
-        problems = check_dataset(self.root, fast=True)
-        if problems:
-            shown = "\n".join(f"  case {p.case}: {p.file}: {p.message}" for p in problems[:50])
-            more = f"\n  ... and {len(problems) - 50} more" if len(problems) > 50 else ""
-            raise DataCheckError(
-                f"data check failed for {self.root}: {len(problems)} problem(s):\n{shown}{more}\n"
-                f"Fix or remove these cases (full report: `brats-lightning check-data {self.root}`), "
-                "then train again.")
+        self._cached_cases = cases
+        return cases
 
     def setup(self, stage: str | None = None) -> None:
         """Check the data, build the cache, split into folds and create the train / validation cases."""
@@ -333,15 +344,14 @@ class BratsDataModule(pl.LightningDataModule):
         if not self.root.exists():
             hint = ("set data.generate to create a synthetic set" if self.generate is None
                     else "prepare_data() generates it; call it first")
-            raise FileNotFoundError(f"data folder {self.root} does not exist; {hint} or point data.root to "
-                                    "a BraTS training folder")
-        self._check_once()
-        cases = find_cases(self.root, require_labels=True)
+            raise UserError(f"data folder {self.root} does not exist; {hint} or point data.root to "
+                            "a BraTS training folder")
+        cases = self._check_and_cache()
         conventions = sorted({c.convention.name for c in cases})
         if len(conventions) > 1:
             by = {name: [c.case_id for c in cases if c.convention.name == name][:3] for name in conventions}
-            raise ValueError(f"data folder {self.root} mixes label conventions {by}; expected one BraTS "
-                             "edition per data set (split the folder)")
+            raise UserError(f"data folder {self.root} mixes label conventions {by}; expected one BraTS "
+                            "edition per data set: split the folder")
         self.label_convention = conventions[0]
         if self.split_file is None:
             name = f"{self.name}-{data_root_hash(cases[0])}-{self.n_folds}fold-seed{self.split_seed}.json"
@@ -354,12 +364,13 @@ class BratsDataModule(pl.LightningDataModule):
         self.train_cases = [by_id[i] for i in train_ids]
         self.val_cases = [by_id[i] for i in val_ids]
         if not self.train_cases or not self.val_cases:
-            raise ValueError(f"fold {self.fold} of {self.split_file} has {len(self.train_cases)} training "
-                             f"and {len(self.val_cases)} validation cases; expected at least one of each")
-        summary = self._build_cache(self.train_cases + self.val_cases)
+            raise UserError(f"fold {self.fold} of {self.split_file} has {len(self.train_cases)} training "
+                            f"and {len(self.val_cases)} validation cases; expected at least one of each: "
+                            "use more cases, fewer folds or a shorter exclusion list")
         excluded = sorted(set(self.exclude) & (set(by_id) - set(val_ids)))
-        log.info("fold %d: %d training cases (%d excluded), %d validation cases; cache %s: %s", self.fold,
-                 len(self.train_cases), len(excluded), len(self.val_cases), self.cache_dir, summary)
+        log.info("fold %d: %d training cases (%d excluded), %d validation cases; cache %s", self.fold,
+                 len(self.train_cases), len(excluded), len(self.val_cases),
+                 self.cache.entry_dir(cases[0]).parent)
 
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,

@@ -1,11 +1,15 @@
 """Brain box, crop / pad helpers and the on-disk cache of preprocessed cases (paper section 2.3,
 docs/method.md "Preprocessing").
 
-A case is preprocessed once per normalization: images normalized per modality, then cropped to the
-brain box (the smallest box holding every non-zero voxel of any modality). The cache stores the cropped
-arrays as uncompressed ``.npy`` files, memory-mapped at training time, next to a ``meta.json`` that
-records the box, the original grid and the source files' sizes and mtimes. Entries live under
-``<cache_dir>/<normalization>/<hash of the data root>/<case_id>/`` and are rebuilt when stale.
+A case is preprocessed once per normalization: every file is checked as it is read (the checks of
+``check-data``: 3-D, pixdim vs affine, one grid and affine, finite voxels, legal labels; a bad case raises
+:class:`~brats_lightning.data.checks.DataProblems`), images are normalized per modality, then cropped to
+the brain box (the smallest box holding every non-zero voxel of any modality). The cache stores the
+cropped arrays as uncompressed ``.npy`` files (float32, or float16 with ``dtype="float16"``),
+memory-mapped at training time, next to a ``meta.json`` that records that the case passed the checks, the
+box, the original grid and the source files' sizes and mtimes. Entries live under
+``<cache_dir>/<normalization>[-float16]/<hash of the data root>/<case_id>/`` (docs/contracts.md "Cache
+layout") and are rebuilt when stale or written by an older layout (``CACHE_FORMAT``).
 
 Geometry helpers act on the last three (spatial) axes, so they serve (X, Y, Z) label maps and
 (C, X, Y, Z) image stacks alike.
@@ -30,14 +34,26 @@ from typing import Any
 
 import numpy as np
 
-from brats_lightning.data.io import load_case
+from brats_lightning.data.checks import (
+    DataProblems,
+    Problem,
+    check_headers,
+    check_voxels,
+    voxel_sizes,
+)
+from brats_lightning.data.io import VolumeReadError, read_voxels, to_label_map
 from brats_lightning.data.labels import LabelConvention, get_convention
-from brats_lightning.data.layout import Case
+from brats_lightning.data.layout import MODALITIES, Case
 from brats_lightning.data.normalize import PIPELINE_NORMALIZATION, get_normalization
 
 log = logging.getLogger(__name__)
 
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2
+"""Cache layout version in every entry's meta.json; an entry of another version is rebuilt, never read
+(1: float32 only, no check record; 2: checked cases, ``dtype``)."""
+
+CACHE_DTYPES = ("float32", "float16")
+"""Image dtypes of the cache; float16 halves it (values within 1e-3 relative of float32, tested)."""
 
 
 # ----------------------------------------------------------------------------------------------- geometry
@@ -237,19 +253,53 @@ class PreprocessedCase:
     spacing: tuple[float, float, float]
 
 
+def load_checked_case(case: Case) -> tuple[np.ndarray, np.ndarray | None, Any]:
+    """Read a case, checking every file as it is read: (images float32 (4, X, Y, Z), uint8 labels or None,
+    t1 image). One read per file: the checks of ``check-data`` (:mod:`brats_lightning.data.checks`) run on
+    the headers and voxels that preprocessing needs anyway.
+
+    Raises:
+        DataProblems: every problem of the case (a UserError).
+    """
+    problems, headers = check_headers(case)
+    if problems:
+        raise DataProblems(problems, f"case {case.case_id}")
+    reference = headers[MODALITIES[0]]
+    images = np.empty((len(MODALITIES), *reference.shape), dtype=np.float32)
+    labels = None
+    for name, path in zip([*MODALITIES, "seg"], case.files, strict=False):
+        try:
+            data = read_voxels(headers[name], path)
+        except VolumeReadError as err:
+            problems.append(Problem(case.case_id, str(path), f"{name} unreadable: {err}"))
+            continue
+        found = check_voxels(case.case_id, name, path, data, case.convention)
+        problems += found
+        if found:
+            continue
+        if name == "seg":
+            labels = to_label_map(data, path)
+        else:
+            images[MODALITIES.index(name)] = data
+    if problems:
+        raise DataProblems(problems, f"case {case.case_id}")
+    return images, labels, reference
+
+
 def preprocess_case(case: Case, normalization: str) -> PreprocessedCase:
-    """Load, crop to the brain box and normalize one case in memory (training cache and inference).
+    """Load (checked), crop to the brain box and normalize one case in memory (training cache, inference).
 
     The box comes from the raw images (non-zero voxels of any modality); normalization statistics use
-    only non-zero voxels, which all lie inside the box, so cropping first gives identical values.
+    only non-zero voxels, which all lie inside the box, so cropping first gives identical values. The
+    spacing comes from the affine (trusted over pixdim; they agree once checked, see
+    :func:`brats_lightning.data.checks.check_header`).
+
+    Raises:
+        DataProblems: the case fails the checks.
     """
     norm = get_normalization(normalization)
-    images, labels, reference = load_case(case)
-    try:
-        box = brain_box(images)
-    except ValueError:
-        raise ValueError(f"case {case.case_id}: every modality is all zeros ({case.images[0].name} ...); "
-                         "expected a brain: run `brats-lightning check-data` and remove the case") from None
+    images, labels, reference = load_checked_case(case)
+    box = brain_box(images)  # never all zero: check_voxels refuses an all-zero modality
     cropped = norm(np.ascontiguousarray(crop(images, box)))
     if labels is not None:
         kept = np.count_nonzero(crop(labels, box))
@@ -258,7 +308,6 @@ def preprocess_case(case: Case, normalization: str) -> PreprocessedCase:
             log.warning("case %s: %d labelled voxels lie outside the brain box (all modalities 0 there) "
                         "and are dropped", case.case_id, total - kept)
         labels = np.ascontiguousarray(crop(labels, box))
-    zooms = reference.header.get_zooms()[:3]
     return PreprocessedCase(
         case_id=case.case_id,
         images=cropped,
@@ -267,7 +316,7 @@ def preprocess_case(case: Case, normalization: str) -> PreprocessedCase:
         original_shape=tuple(int(s) for s in reference.shape[:3]),  # type: ignore[arg-type]
         affine=np.asarray(reference.affine, dtype=np.float64),
         convention=case.convention,
-        spacing=tuple(float(z) for z in zooms),  # type: ignore[arg-type]
+        spacing=tuple(float(z) for z in voxel_sizes(reference.affine)),  # type: ignore[arg-type]
     )
 
 
@@ -302,21 +351,27 @@ class CaseCache:
     Args:
         cache_dir: root folder of the cache (e.g. ``cache/``).
         normalization: "minmax" (pipeline A) or "zscore" (pipeline B); "A" / "B" are accepted.
+        dtype: images as "float32" or "float16" (half the size; in ``<normalization>-float16``).
 
-    An entry is rebuilt when any source file's size or mtime changed, files were added or removed (e.g. a
-    seg file appeared), the normalization (name or parameters) or the cache format changed, or the entry is
-    unreadable. Builds write into a temporary folder renamed into place, so concurrent builders of one
-    entry end with one valid entry.
+    Only cases that pass the checks are cached (each entry records it), so the check is paid once. An entry
+    is rebuilt when any source file's size or mtime changed, files were added or removed (e.g. a seg file
+    appeared), the normalization (name or parameters), the dtype or the cache layout (``CACHE_FORMAT``)
+    changed, or the entry is unreadable. Builds write into a temporary folder renamed into place, so
+    concurrent builders of one entry end with one valid entry.
     """
 
-    def __init__(self, cache_dir: str | Path, normalization: str) -> None:
+    def __init__(self, cache_dir: str | Path, normalization: str, dtype: str = "float32") -> None:
+        if dtype not in CACHE_DTYPES:
+            raise ValueError(f"cache dtype {dtype!r}; expected one of {CACHE_DTYPES}")
         self.cache_dir = Path(cache_dir)
         self.spec = _normalization_spec(normalization)
         self.normalization = self.spec["name"]
+        self.dtype = dtype
 
     def entry_dir(self, case: Case) -> Path:
         """Folder of ``case``'s entry."""
-        return self.cache_dir / self.normalization / data_root_hash(case) / case.case_id
+        folder = self.normalization if self.dtype == "float32" else f"{self.normalization}-{self.dtype}"
+        return self.cache_dir / folder / data_root_hash(case) / case.case_id
 
     def _read_meta(self, entry: Path) -> dict[str, Any] | None:
         try:
@@ -335,14 +390,15 @@ class CaseCache:
         except OSError:
             return False
         return (meta.get("format") == CACHE_FORMAT and meta.get("normalization") == self.spec
+                and meta.get("dtype") == self.dtype and meta.get("check") == "passed"
                 and meta.get("case_id") == case.case_id and meta.get("sources") == sources)
 
     def _load(self, entry: Path, meta: dict[str, Any]) -> PreprocessedCase:
         box = Box.from_dict(meta["box"])
         images = np.load(entry / "images.npy", mmap_mode="r")
-        if images.shape != (4, *box.shape) or images.dtype != np.float32:
+        if images.shape != (4, *box.shape) or images.dtype != np.dtype(self.dtype):
             raise ValueError(f"cache entry {entry}: images.npy has shape {images.shape} {images.dtype}, "
-                             f"meta says (4, {box.shape}) float32")
+                             f"meta says (4, {box.shape}) {self.dtype}")
         labels = None
         if meta["has_labels"]:
             labels = np.load(entry / "labels.npy", mmap_mode="r")
@@ -383,6 +439,9 @@ class CaseCache:
         """Preprocess ``case`` and publish its entry atomically; returns the entry folder.
 
         If another process publishes a fresh entry first, that entry is kept and this build discarded.
+
+        Raises:
+            DataProblems: the case fails the checks (nothing is written for it).
         """
         entry = self.entry_dir(case)
         entry.parent.mkdir(parents=True, exist_ok=True)
@@ -391,11 +450,13 @@ class CaseCache:
         tmp = entry.parent / f".tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}-{case.case_id}"
         tmp.mkdir()
         try:
-            np.save(tmp / "images.npy", np.ascontiguousarray(pre.images, dtype=np.float32))
+            np.save(tmp / "images.npy", np.ascontiguousarray(pre.images, dtype=self.dtype))
             if pre.labels is not None:
                 np.save(tmp / "labels.npy", np.ascontiguousarray(pre.labels, dtype=np.uint8))
             meta = {
                 "format": CACHE_FORMAT,
+                "check": "passed",
+                "dtype": self.dtype,
                 "case_id": case.case_id,
                 "normalization": self.spec,
                 "box": pre.box.to_dict(),
@@ -430,6 +491,9 @@ class CaseCache:
     ) -> dict[str, int]:
         """Build the stale or missing entries of ``cases`` in parallel (fresh ones are reused).
 
+        Every case is built (and so checked) before any problem is raised, so the error lists all bad cases;
+        the clean ones are cached, the bad ones get no entry.
+
         Args:
             cases: the cases to cache.
             workers: worker processes (None: :func:`default_workers`; 1 builds in this process).
@@ -437,11 +501,15 @@ class CaseCache:
 
         Returns:
             ``{"built": n, "reused": m}``.
+
+        Raises:
+            DataProblems: every problem of every bad case (each reported once, also with workers).
         """
         todo = [case for case in cases if not self.is_fresh(case)]
-        summary = {"built": len(todo), "reused": len(cases) - len(todo)}
+        summary = {"built": 0, "reused": len(cases) - len(todo)}
         if not todo:
             return summary
+        problems: list[Problem] = []
         workers = default_workers() if workers is None else max(1, int(workers))
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
@@ -451,22 +519,73 @@ class CaseCache:
             task = bar.add_task(f"caching {self.normalization}", total=len(todo))
             if workers == 1 or len(todo) == 1:
                 for case in todo:
-                    self.build_one(case)
+                    problems += self._build_checked(case)
                     bar.advance(task)
             else:
                 context = multiprocessing.get_context("spawn")  # safe even when torch/CUDA are initialised
                 with ProcessPoolExecutor(min(workers, len(todo)), mp_context=context) as pool:
-                    futures = {pool.submit(_build_entry, str(self.cache_dir), self.normalization, c): c
-                               for c in todo}
+                    job = (str(self.cache_dir), self.normalization, self.dtype)
+                    futures = [pool.submit(_build_entry, *job, c) for c in todo]
                     for future in as_completed(futures):
-                        future.result()
+                        problems += future.result()
                         bar.advance(task)
+        summary["built"] = len(todo) - len({p.case for p in problems})
+        if problems:
+            problems.sort(key=lambda p: (p.case, p.file))
+            raise DataProblems(problems, f"caching {self.normalization}")
         return summary
 
+    def _build_checked(self, case: Case) -> list[Problem]:
+        """Build one entry; the case's problems instead of an entry when it fails the checks."""
+        try:
+            self.build_one(case)
+        except DataProblems as err:
+            return err.problems
+        return []
 
-def _build_entry(cache_dir: str, normalization: str, case: Case) -> str:
-    """Worker entry point for :meth:`CaseCache.build` (module level so it pickles)."""
-    return str(CaseCache(cache_dir, normalization).build_one(case))
+
+def _build_entry(cache_dir: str, normalization: str, dtype: str, case: Case) -> list[Problem]:
+    """Worker entry point for :meth:`CaseCache.build` (module level so it pickles): the case's problems."""
+    return CaseCache(cache_dir, normalization, dtype)._build_checked(case)
+
+
+def layout_problems(root: str | Path, require_labels: bool = False) -> tuple[list[Case], list[Problem]]:
+    """The cases under ``root`` and its layout problems (missing files, duplicates; with ``require_labels``
+    a missing seg), as :class:`~brats_lightning.data.checks.Problem` rows."""
+    from brats_lightning.data.layout import NAMING_2020, NAMING_2023, scan_dataset
+
+    cases, issues = scan_dataset(root)
+    problems = [Problem(i.case, i.file, i.message) for i in issues]
+    if require_labels:
+        namings = {n.convention.name: n for n in (NAMING_2020, NAMING_2023)}
+        for case in (c for c in cases if c.seg is None):
+            expected = namings[case.convention.name].filename(case.case_id, "seg")
+            problems.append(Problem(case.case_id, str(case.folder / expected),
+                                    f"seg missing (looked for {expected}); training needs a label map for "
+                                    "every case: add it or move the case out of the training set"))
+    return cases, problems
+
+
+def cache_dataset(cache: CaseCache, root: str | Path, workers: int | None = None,
+                  require_labels: bool = False, progress: bool = True) -> tuple[list[Case], dict[str, int]]:
+    """Check and cache every case under ``root``: (cases, build summary).
+
+    Raises:
+        DataProblems: every problem of the data set in one table (layout problems and every bad case); the
+            clean cases are cached, the bad ones are not.
+    """
+    cases, problems = layout_problems(root, require_labels)
+    bad = {p.case for p in problems}
+    summary = {"built": 0, "reused": 0}
+    try:
+        summary = cache.build([c for c in cases if c.case_id not in bad], workers=workers, progress=progress)
+    except DataProblems as err:
+        problems += err.problems
+    if problems:
+        raise DataProblems(sorted(problems, key=lambda p: (p.case, p.file)), f"{root}", root,
+                           fix=f"nothing was cached for these cases: fix or remove them (full report: "
+                               f"`brats-lightning check-data {root}`), then rerun")
+    return cases, summary
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -478,24 +597,23 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cache", type=Path, default=Path("cache"), help="cache folder (default: cache/)")
     parser.add_argument("--workers", type=int, default=None,
                         help=f"worker processes (default: CPU count, at most 8; here {default_workers()})")
+    parser.add_argument("--cache-dtype", choices=CACHE_DTYPES, default="float32",
+                        help="image dtype in the cache (float16: half the size; default float32)")
 
 
 def run(args: argparse.Namespace) -> int:
-    """Build the cache of a data set for one pipeline; prints a one-line summary."""
+    """Check and cache a data set for one pipeline; prints a one-line summary.
+
+    Raises:
+        DataProblems: every problem of the data set (exit 2; the clean cases are cached).
+    """
     from rich.console import Console
 
-    from brats_lightning.data.layout import DataLayoutError, find_cases
-
     console = Console()
-    try:
-        cases = find_cases(args.data)
-    except DataLayoutError as err:
-        console.print(f"[red]{err}[/red]\nRun `brats-lightning check-data {args.data}` for a full report.")
-        return 1
     normalization = PIPELINE_NORMALIZATION[args.pipeline]
-    cache = CaseCache(args.cache, normalization)
+    cache = CaseCache(args.cache, normalization, args.cache_dtype)
     start = time.perf_counter()
-    summary = cache.build(cases, workers=args.workers)
+    cases, summary = cache_dataset(cache, args.data, workers=args.workers)
     where = cache.entry_dir(cases[0]).parent
     console.print(f"{len(cases)} cases, pipeline {args.pipeline} ({normalization}): "
                   f"built {summary['built']}, reused {summary['reused']} "

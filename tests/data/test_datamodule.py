@@ -11,9 +11,11 @@ import pytest
 import pytorch_lightning as pl
 import torch
 
-from brats_lightning.data.datamodule import BratsDataModule, DataCheckError, read_exclusions
+from brats_lightning.data.checks import DataProblems
+from brats_lightning.data.datamodule import BratsDataModule, read_exclusions
 from brats_lightning.data.preprocess import Box, CaseCache
 from brats_lightning.data.splits import make_folds
+from brats_lightning.errors import UserError
 
 
 def _regions(labels: np.ndarray) -> np.ndarray:
@@ -135,12 +137,12 @@ def test_data_check_stops_before_training(synthetic_root, tmp_path):
     t1ce = next(case.glob("*_t1ce.nii.gz"))
     t1ce.write_bytes(t1ce.read_bytes()[:100])  # truncated file
     dm = BratsDataModule(root, cache_dir=tmp_path / "cache")
-    with pytest.raises(DataCheckError, match=case.name) as info:
+    with pytest.raises(DataProblems, match=case.name) as info:
         dm.setup()
     assert "problem" in str(info.value) and "check-data" in str(info.value)
     assert not (tmp_path / "cache").exists()  # nothing cached before the check passed
 
 
 def test_missing_root_explains(tmp_path):
-    with pytest.raises(FileNotFoundError, match="does not exist"):
+    with pytest.raises(UserError, match="does not exist"):
         BratsDataModule(tmp_path / "nowhere", cache_dir=tmp_path / "cache").setup()
