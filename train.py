@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+import sys
 import warnings
 from pathlib import Path
 from typing import Any
@@ -85,7 +86,27 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
     Returns:
         The run record written to ``run.json``.
+
+    Raises:
+        UserError: bad data or settings (every bad case listed), or another job holds the run folder.
     """
+    from brats_lightning.distributed import env_rank_is_zero
+    from brats_lightning.locks import FolderLock
+
+    env_mode = os.environ.get("WANDB_MODE")  # restored at the end (WandbLogger(offline=True) changes it)
+    run_dir = Path(cfg.paths.run_dir).resolve()
+    run_dir.mkdir(parents=True, exist_ok=True)
+    # one job per run folder: a second job is refused here, naming the running one (brats_lightning/locks.py)
+    lock = FolderLock(run_dir, "train").acquire() if env_rank_is_zero() else None
+    try:
+        return _train_locked(cfg, run_dir, env_mode)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train_locked(cfg: DictConfig, run_dir: Path, env_mode: str | None) -> dict[str, Any]:
+    """:func:`train` once the run folder is held."""
     from brats_lightning.checkpointing import (
         AtomicCheckpointIO,
         RandomStateCheckpoint,
@@ -105,14 +126,13 @@ def train(cfg: DictConfig) -> dict[str, Any]:
     from brats_lightning.runs import callback_records, merge_records, write_run_record
     from brats_lightning.speed import apply_threads, resolve_speed
 
-    env_mode = os.environ.get("WANDB_MODE")  # restored at the end (WandbLogger(offline=True) changes it)
-    run_dir = Path(cfg.paths.run_dir).resolve()
-    run_dir.mkdir(parents=True, exist_ok=True)
     if env_rank_is_zero():  # temporary files of writes cut short by a killed job (atomic_path)
         remove_stale_temp_files(run_dir)
     pl.seed_everything(int(cfg.seed), workers=True)
 
     datamodule = BratsDataModule.from_config(cfg)
+    if env_rank_is_zero():  # every case checked and cached before loggers, W&B and the Trainer start
+        datamodule.prepare_data()
     module = BratsModule.from_config(cfg)
     callbacks = _instantiate_all(cfg.get("callbacks"))
     loggers, wandb_id = build_loggers(cfg, run_dir)
@@ -207,8 +227,15 @@ def train(cfg: DictConfig) -> dict[str, Any]:
 
 @hydra.main(version_base="1.3", config_path="conf", config_name="train")
 def main(cfg: DictConfig) -> float | None:
-    """Hydra entry: train, return the validation mean Dice (for sweepers)."""
-    record = train(cfg)
+    """Hydra entry: train, return the validation mean Dice (for sweepers); a UserError prints one line and
+    exits 2 (brats_lightning/errors.py), no traceback."""
+    from brats_lightning.errors import EXIT_USER_ERROR, UserError
+
+    try:
+        record = train(cfg)
+    except UserError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        sys.exit(EXIT_USER_ERROR)
     return record["val_metrics"].get("dice_mean")
 
 
