@@ -48,12 +48,15 @@ def write_manifest(folder: str | Path, manifest: dict) -> Path:
     return path
 
 
-def mark_incomplete(folder: str | Path, kind: str) -> Path:
+def mark_incomplete(folder: str | Path, kind: str, **fields) -> Path:
     """Start (re)writing a prediction folder: its manifest says ``"complete": false`` until
     :func:`write_manifest` writes the finished one last, so a killed ``predict`` / ``merge`` leaves a folder
-    that :func:`require_complete` refuses instead of an older manifest that claims completeness."""
+    that :func:`require_complete` refuses instead of an older manifest that claims completeness.
+
+    ``fields`` go into the incomplete manifest too: predict and merge record their settings and the cases
+    finished so far (``cases``), so that rerunning the same command finishes only the missing cases."""
     Path(folder).mkdir(parents=True, exist_ok=True)
-    return write_manifest(folder, {"kind": kind, "complete": False})
+    return write_manifest(folder, {"kind": kind, **fields, "complete": False})
 
 
 def require_complete(folder: str | Path) -> dict | None:

@@ -7,6 +7,14 @@ labels as rows; docs/method.md gives it with A's labels as rows.
 
 Command line: ``brats-lightning merge --a DIR --b DIR --out DIR [--convention auto|brats2020|brats2023]``.
 Each folder holds one ``<CASE>.nii.gz`` label map per case (as written by ``brats-lightning predict``).
+
+Nothing bad gets in and nothing half-done looks finished: folders whose prediction.json says incomplete are
+refused; a first pass reads every pair of label maps, one case at a time, and checks them (readable, 3-D,
+pixdim vs affine, integer labels of the convention, A and B on one grid), listing every problem before
+anything is written; the output folder is locked (:mod:`brats_lightning.locks`), marked incomplete before
+the first label map and given its complete prediction.json last, so a killed merge leaves a folder that
+``evaluate`` and ``merge`` refuse, and rerunning the same merge finishes only the missing cases. One case is
+in memory at a time.
 """
 
 from __future__ import annotations
@@ -17,15 +25,24 @@ from pathlib import Path
 
 import numpy as np
 
+from brats_lightning.data.checks import DataProblems, Problem, check_header
+from brats_lightning.data.io import VolumeReadError, load_image, read_voxels, save_label_map, to_label_map
 from brats_lightning.data.labels import (
     BRATS2020,
     BRATS2023,
     CONVENTIONS,
     LabelConvention,
     get_convention,
-    unexpected_labels,
 )
-from brats_lightning.predictions import label_map_paths, read_manifest, write_manifest
+from brats_lightning.errors import UserError
+from brats_lightning.locks import hold_folder
+from brats_lightning.predictions import (
+    label_map_paths,
+    mark_incomplete,
+    read_manifest,
+    require_complete,
+    write_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +67,41 @@ def merge_labels(a: np.ndarray, b: np.ndarray, convention: LabelConvention = BRA
     return np.where(b_wins, b, a).astype(np.uint8)
 
 
+def _read_label_map(case_id: str, side: str, path: Path) -> tuple[np.ndarray | None, object, list[Problem]]:
+    """(uint8 labels or None, image or None, problems) of one input label map."""
+    try:
+        image = load_image(path)
+    except VolumeReadError as err:
+        return None, None, [Problem(case_id, str(path), f"{side} label map unreadable: {err}")]
+    problems = check_header(case_id, f"{side} label map", path, image)
+    if problems:
+        return None, image, problems
+    try:
+        return to_label_map(read_voxels(image, path), path), image, []
+    except VolumeReadError as err:
+        return None, image, [Problem(case_id, str(path), f"{side} label map unreadable: {err}")]
+    except ValueError as err:
+        return None, image, [Problem(case_id, str(path), f"{side} {err}")]
+
+
+def _read_pair(case_id: str, a_path: Path, b_path: Path) -> tuple[np.ndarray | None, np.ndarray | None,
+                                                                   object, list[Problem]]:
+    """(A labels, B labels, A's image, problems) of one case; A and B must share grid and affine."""
+    a, a_img, problems = _read_label_map(case_id, "A", a_path)
+    b, b_img, b_problems = _read_label_map(case_id, "B", b_path)
+    problems += b_problems
+    if a is not None and b is not None:
+        if a.shape != b.shape:
+            problems.append(Problem(case_id, str(b_path), f"B has shape {b.shape}, A ({a_path}) has "
+                                    f"{a.shape}; expected both on the same grid: predict both from the same "
+                                    "data"))
+        elif not np.allclose(a_img.affine, b_img.affine, atol=1e-4):
+            diff = float(np.max(np.abs(a_img.affine - b_img.affine)))
+            problems.append(Problem(case_id, str(b_path), f"B's affine differs from A's ({a_path}) by up to "
+                                    f"{diff:.4g}; expected one affine: predict both from the same data"))
+    return a, b, a_img, problems
+
+
 def _folder_convention(folder: Path) -> LabelConvention | None:
     manifest = read_manifest(folder)
     if manifest and manifest.get("label_convention"):
@@ -57,22 +109,28 @@ def _folder_convention(folder: Path) -> LabelConvention | None:
     return None
 
 
-def _infer_convention(labels: dict[str, np.ndarray], where: str) -> LabelConvention | None:
-    """The convention implied by the ET codes present (3 -> 2023, 4 -> 2020), None when no ET anywhere."""
-    seen = set()
-    for volume in labels.values():
-        seen |= {code for code in (3, 4) if np.any(volume == code)}
-    if seen == {3, 4}:
-        raise ValueError(f"{where}: label maps contain both 3 and 4; pass --convention brats2020|brats2023")
-    if seen:
-        return BRATS2023 if 3 in seen else BRATS2020
-    return None
+def _codes(labels: np.ndarray) -> set[int]:
+    return {int(v) for v in np.flatnonzero(np.bincount(labels.ravel(), minlength=1))}
+
+
+def _input_paths(folder: Path, side: str, out_dir: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        raise UserError(f"merge: {side} folder {folder} does not exist; expected pipeline {side}'s label "
+                        "maps (<CASE>.nii.gz) from `brats-lightning predict`: check --a / --b")
+    if folder.resolve() == out_dir.resolve():
+        raise UserError(f"merge: --out {out_dir} is the {side} folder; expected a separate output folder")
+    require_complete(folder)
+    paths = label_map_paths(folder)
+    if not paths:
+        raise UserError(f"merge: {folder}: no <CASE>.nii.gz label maps found; expected pipeline {side}'s "
+                        "predictions: run `brats-lightning predict` first")
+    return paths
 
 
 def merge_folders(
     a_dir: str | Path, b_dir: str | Path, out_dir: str | Path, convention: str | LabelConvention = "auto"
 ) -> list[Path]:
-    """Merge every case of ``a_dir`` with the same case of ``b_dir`` into ``out_dir``.
+    """Merge every case of ``a_dir`` with the same case of ``b_dir`` into ``out_dir`` (see the module doc).
 
     Args:
         a_dir: pipeline A's label maps.
@@ -81,76 +139,85 @@ def merge_folders(
         convention: "auto" (from the folders' prediction.json, else from the codes present), or a name.
 
     Returns:
-        The written paths, sorted by case.
+        The paths of every case's merged map, sorted by case.
 
     Raises:
-        ValueError: different case sets, shapes, affines, label conventions, or unknown label codes.
+        UserError: an incomplete or empty input folder, different case sets or label conventions, or
+            (:class:`DataProblems`) every bad label map; nothing is written then.
+        FolderLocked: another job writes ``out_dir``.
     """
-    from brats_lightning.data.io import load_volume, save_label_map, to_label_map
-
     a_dir, b_dir, out_dir = Path(a_dir), Path(b_dir), Path(out_dir)
-    a_paths, b_paths = label_map_paths(a_dir), label_map_paths(b_dir)
-    if not a_paths:
-        raise FileNotFoundError(f"{a_dir}: no <CASE>.nii.gz label maps found (pipeline A predictions)")
+    a_paths, b_paths = _input_paths(a_dir, "A", out_dir), _input_paths(b_dir, "B", out_dir)
     if set(a_paths) != set(b_paths):
         only_a = sorted(set(a_paths) - set(b_paths))
         only_b = sorted(set(b_paths) - set(a_paths))
-        raise ValueError(
+        raise UserError(
             f"merge: the folders hold different cases: only in A ({a_dir}): {only_a or 'none'}; "
-            f"only in B ({b_dir}): {only_b or 'none'}. Predict the same cases with both pipelines."
+            f"only in B ({b_dir}): {only_b or 'none'}; expected the same cases: predict the same cases "
+            "with both pipelines"
         )
     if convention == "auto":
         conv_a, conv_b = _folder_convention(a_dir), _folder_convention(b_dir)
         if conv_a and conv_b and conv_a != conv_b:
-            raise ValueError(
-                f"merge: A ({a_dir}) uses label convention {conv_a.name}, B ({b_dir}) uses {conv_b.name}"
-            )
+            raise UserError(f"merge: A ({a_dir}) uses label convention {conv_a.name}, B ({b_dir}) uses "
+                            f"{conv_b.name}; expected one: merge predictions of the same data set")
         conv = conv_a or conv_b
     else:
         conv = get_convention(convention)
 
-    loaded: dict[str, tuple[np.ndarray, np.ndarray, object]] = {}
-    # Label maps are small (uint8); the convention check needs to see all of them when it is inferred.
+    # pass 1: check every pair, one case in memory at a time; keep only the codes each side uses
+    problems: list[Problem] = []
+    codes: dict[str, dict[str, set[int]]] = {"A": {}, "B": {}}
     for case_id in sorted(a_paths):
-        a, a_img = load_volume(a_paths[case_id], dtype=None)
-        b, b_img = load_volume(b_paths[case_id], dtype=None)
-        if a.shape != b.shape:
-            raise ValueError(
-                f"merge: case {case_id}: A {a_paths[case_id]} has shape {a.shape}, B {b_paths[case_id]} "
-                f"has {b.shape}; both must be on the same grid"
-            )
-        if not np.allclose(a_img.affine, b_img.affine, atol=1e-4):
-            raise ValueError(
-                f"merge: case {case_id}: affines differ between A {a_paths[case_id]} and B "
-                f"{b_paths[case_id]}:\n{a_img.affine}\nvs\n{b_img.affine}"
-            )
-        loaded[case_id] = (to_label_map(a, a_paths[case_id]), to_label_map(b, b_paths[case_id]), a_img)
+        a, b, _, found = _read_pair(case_id, a_paths[case_id], b_paths[case_id])
+        problems += found
+        for side, labels in (("A", a), ("B", b)):
+            if labels is not None:
+                codes[side][case_id] = _codes(labels)
     if conv is None:
-        conv = _infer_convention({k: v[0] for k, v in loaded.items()}, str(a_dir))
-        conv_b = _infer_convention({k: v[1] for k, v in loaded.items()}, str(b_dir))
-        if conv and conv_b and conv != conv_b:
-            raise ValueError(f"merge: A ({a_dir}) uses ET code {conv.et}, B ({b_dir}) uses {conv_b.et}")
-        conv = conv or conv_b or BRATS2020
-
-    for case_id, (a, b, _) in loaded.items():  # check everything before writing anything
-        for name, volume, path in (("A", a, a_paths[case_id]), ("B", b, b_paths[case_id])):
-            bad = unexpected_labels(volume, conv)
+        seen = {side: {c for case in per.values() for c in case & {3, 4}} for side, per in codes.items()}
+        for side, folder in (("A", a_dir), ("B", b_dir)):
+            if seen[side] == {3, 4}:
+                problems.append(Problem("-", str(folder), f"{side} label maps contain both 3 and 4 (ET in "
+                                        "BraTS 2023 and 2020); expected one convention: pass --convention "
+                                        "brats2020|brats2023"))
+        if seen["A"] in ({3}, {4}) and seen["B"] in ({3}, {4}) and seen["A"] != seen["B"]:
+            problems.append(Problem("-", str(b_dir), f"A ({a_dir}) uses ET code {min(seen['A'])}, B uses "
+                                    f"{min(seen['B'])}; expected one convention: predict both with runs of "
+                                    "the same data set"))
+        single = [s for s in (seen["A"], seen["B"]) if len(s) == 1]
+        conv = (BRATS2023 if 3 in single[0] else BRATS2020) if single else BRATS2020
+    for side, paths in (("A", a_paths), ("B", b_paths)):
+        for case_id, present in codes[side].items():
+            bad = sorted(present - set(conv.labels))
             if bad:
-                raise ValueError(
-                    f"merge: case {case_id}: {name} label map {path} holds codes {bad}; expected "
-                    f"{list(conv.labels)} ({conv.name})"
-                )
-    out_dir.mkdir(parents=True, exist_ok=True)
-    written = []
-    for case_id, (a, b, a_img) in loaded.items():
-        merged = merge_labels(a, b, conv)
-        written.append(save_label_map(merged, a_img, out_dir / f"{case_id}.nii.gz"))
-    write_manifest(out_dir, {
-        "kind": "merge", "label_convention": conv.name,
-        "a": str(a_dir.resolve()), "b": str(b_dir.resolve()), "cases": sorted(loaded),
-    })
-    log.info("merged %d cases into %s", len(written), out_dir)
-    return written
+                problems.append(Problem(case_id, str(paths[case_id]),
+                                        f"{side} label map holds codes {bad}; expected {list(conv.labels)} "
+                                        f"({conv.name}): check --convention or re-run predict"))
+    if problems:
+        raise DataProblems(problems, f"merge {a_dir} + {b_dir}",
+                           fix=f"nothing was written to {out_dir}: fix the inputs, then rerun merge")
+
+    # pass 2: merge and write, one case at a time, under the folder's lock
+    settings = {"label_convention": conv.name, "a": str(a_dir.resolve()), "b": str(b_dir.resolve())}
+    with hold_folder(out_dir, "merge"):
+        previous = read_manifest(out_dir) or {}
+        resumed = previous.get("complete") is False and all(previous.get(k) == v for k, v in settings.items())
+        done = [c for c in previous.get("cases", []) if c in a_paths and (out_dir / f"{c}.nii.gz").is_file()
+                ] if resumed else []
+        mark_incomplete(out_dir, "merge", **settings, cases=done)
+        n_resumed = len(done)
+        for case_id in sorted(set(a_paths) - set(done)):
+            a, b, a_img, found = _read_pair(case_id, a_paths[case_id], b_paths[case_id])
+            if found:  # changed since the first pass
+                raise DataProblems(found, f"merge {a_dir} + {b_dir}", fix="an input changed during the "
+                                   "merge: rerun merge (it finishes the missing cases)")
+            save_label_map(merge_labels(a, b, conv), a_img, out_dir / f"{case_id}.nii.gz")
+            done.append(case_id)
+            mark_incomplete(out_dir, "merge", **settings, cases=done)
+        write_manifest(out_dir, {"kind": "merge", **settings, "cases": sorted(a_paths), "complete": True})
+    log.info("merged %d cases into %s (%d kept from an interrupted run)", len(a_paths), out_dir, n_resumed)
+    return [out_dir / f"{case_id}.nii.gz" for case_id in sorted(a_paths)]
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -11,9 +11,11 @@ import numpy as np
 import pytest
 
 from brats_lightning.cli import main as cli_main
+from brats_lightning.data.checks import DataProblems
 from brats_lightning.data.labels import BRATS2020, BRATS2023
+from brats_lightning.errors import UserError
 from brats_lightning.inference.merge import merge_folders, merge_labels
-from brats_lightning.predictions import read_manifest, write_manifest
+from brats_lightning.predictions import mark_incomplete, read_manifest, require_complete, write_manifest
 
 # docs/method.md "Inference": rows are A's label, columns B's label (0, 1, 2, 4).
 SPEC_TABLE = {
@@ -84,26 +86,62 @@ def test_merge_refuses_mismatches(tmp_path):
     _write(tmp_path / "a" / "c1.nii.gz", labels)
     _write(tmp_path / "a" / "c2.nii.gz", labels)
     _write(tmp_path / "b" / "c1.nii.gz", labels)
-    with pytest.raises(ValueError, match=r"only in A .*\['c2'\]"):
+    with pytest.raises(UserError, match=r"only in A .*\['c2'\]"):
         merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
     _write(tmp_path / "b" / "c2.nii.gz", labels[:, :, :6])
-    with pytest.raises(ValueError, match="case c2: .*shape"):
+    with pytest.raises(DataProblems, match="c2  .*b/c2.nii.gz: B has shape"):
         merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
     _write(tmp_path / "b" / "c2.nii.gz", labels, affine=np.diag([2.0, 2.0, 2.5, 1.0]))
-    with pytest.raises(ValueError, match="case c2: affines differ"):
+    with pytest.raises(DataProblems, match="c2  .*B's affine differs"):
         merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
     _write(tmp_path / "b" / "c2.nii.gz", np.where(labels == 4, 3, labels))
-    with pytest.raises(ValueError, match="b: label maps contain both 3 and 4"):
+    with pytest.raises(DataProblems, match="B label maps contain both 3 and 4"):
         merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
     _write(tmp_path / "b" / "c1.nii.gz", np.where(labels == 4, 3, labels))
-    with pytest.raises(ValueError, match="ET code 4, B .* uses 3"):
+    with pytest.raises(DataProblems, match="ET code 4, B uses 3"):
         merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
     _write(tmp_path / "b" / "c1.nii.gz", labels)
     _write(tmp_path / "b" / "c2.nii.gz", np.where(labels == 4, 7, labels))
-    with pytest.raises(ValueError, match=r"case c2: B label map .* holds codes \[7\]"):
+    nib.Nifti1Image(labels.astype(np.float32) + 0.5, np.diag([-2.0, 2.0, 2.5, 1.0])).to_filename(
+        tmp_path / "a" / "c1.nii.gz")
+    with pytest.raises(DataProblems) as info:  # every bad file of every case, in one table
         merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    assert "2 problem(s) in 2 case(s)" in str(info.value)
+    assert "c1  " in str(info.value) and "non-integer values" in str(info.value)
+    assert "c2  " in str(info.value) and "B label map holds codes [7]" in str(info.value)
+    _write(tmp_path / "a" / "c1.nii.gz", labels)
+    _write(tmp_path / "b" / "c2.nii.gz", labels)
     write_manifest(tmp_path / "a", {"label_convention": "brats2020"})
     write_manifest(tmp_path / "b", {"label_convention": "brats2023"})
-    with pytest.raises(ValueError, match="label convention brats2020, B .* brats2023"):
+    with pytest.raises(UserError, match="label convention brats2020, B .* brats2023"):
+        merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    mark_incomplete(tmp_path / "b", "predict")
+    with pytest.raises(UserError, match="incomplete: rerun predict"):
         merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
     assert not (tmp_path / "m").exists()
+
+
+def test_rerun_finishes_only_the_missing_cases(tmp_path):
+    for i in range(4):
+        _write(tmp_path / "a" / f"c{i}.nii.gz", _random_labels(i))
+        _write(tmp_path / "b" / f"c{i}.nii.gz", _random_labels(10 + i))
+    merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    manifest = read_manifest(tmp_path / "m")
+    assert manifest["complete"] is True and manifest["cases"] == ["c0", "c1", "c2", "c3"]
+    # as a merge killed after two cases leaves it: two maps, an incomplete manifest listing them
+    (tmp_path / "m" / "c2.nii.gz").unlink()
+    (tmp_path / "m" / "c3.nii.gz").unlink()
+    mark_incomplete(tmp_path / "m", "merge", **{k: manifest[k] for k in ("label_convention", "a", "b")},
+                    cases=["c0", "c1"])
+    with pytest.raises(UserError, match="incomplete: rerun predict"):
+        require_complete(tmp_path / "m")
+    kept = {c: (tmp_path / "m" / f"c{c}.nii.gz").stat().st_ino for c in (0, 1)}
+    merge_folders(tmp_path / "a", tmp_path / "b", tmp_path / "m")
+    assert {c: (tmp_path / "m" / f"c{c}.nii.gz").stat().st_ino for c in (0, 1)} == kept  # not rewritten
+    assert require_complete(tmp_path / "m")["cases"] == ["c0", "c1", "c2", "c3"]
+    for i in range(4):
+        np.testing.assert_array_equal(np.asanyarray(nib.load(tmp_path / "m" / f"c{i}.nii.gz").dataobj),
+                                      merge_labels(_random_labels(i), _random_labels(10 + i)))
+    # another merge into the same folder (other inputs) rewrites every case
+    merge_folders(tmp_path / "b", tmp_path / "a", tmp_path / "m")
+    assert (tmp_path / "m" / "c0.nii.gz").stat().st_ino != kept[0]
