@@ -23,13 +23,14 @@ import argparse
 import gc
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from brats_lightning.errors import UserError
 from brats_lightning.inference.tta import get_views, iter_view_probabilities
 from brats_lightning.inference.uncertainty import UNCERTAINTY_KINDS, RunningStats, uncertainty_maps
 from brats_lightning.precision import resolve_amp_dtype, resolve_device
@@ -237,21 +238,66 @@ class Predictor:
     def predict(self, cases: Sequence, out_dir: str | Path, oof: bool = False) -> list[dict]:
         """Predict ``cases`` (from ``find_cases``) into ``out_dir``, one case in memory at a time.
 
-        Cases are grouped by the runs that predict them, so each group's networks are loaded once.
-        """
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+        Every image is checked first and every problem listed before anything is written
+        (:func:`checked_images`). The folder is locked (:mod:`brats_lightning.locks`), marked incomplete
+        before the first label map, and its complete prediction.json is written last; cases that an
+        interrupted run with the same settings finished are not predicted again. Cases are grouped by the
+        runs that predict them, so each group's networks are loaded once.
 
-        from brats_lightning.predictions import read_manifest, write_manifest
+        Returns:
+            One record per case predicted now.
+        """
+        from brats_lightning.locks import hold_folder
+        from brats_lightning.predictions import mark_incomplete, read_manifest, write_manifest
 
         out_dir = Path(out_dir)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        previous = read_manifest(out_dir) or {}
-        if previous.get("label_convention") not in (None, self.convention.name):
-            raise ValueError(
-                f"{out_dir} already holds {previous['label_convention']} predictions; these runs predict "
-                f"{self.convention.name}: choose another --out folder"
-            )
+        cases = checked_images(cases, out_dir)
         members = case_members(self.runs, [c.case_id for c in cases], oof)
+        settings = {
+            "label_convention": self.convention.name, "normalization": self.normalization,
+            "pipelines": sorted({r.pipeline for r in self.runs}), "runs": [str(r.path) for r in self.runs],
+            "oof": oof, "options": asdict(self.options), "n_views": len(self.views),
+            "et_threshold": self.options.et_threshold,
+        }
+        with hold_folder(out_dir, "predict"):
+            previous = read_manifest(out_dir) or {}
+            if previous.get("label_convention") not in (None, self.convention.name):
+                raise UserError(
+                    f"{out_dir} already holds {previous['label_convention']} predictions; these runs predict "
+                    f"{self.convention.name}: choose another --out folder")
+            same = all(previous.get(k) == v for k, v in settings.items())
+            if previous.get("cases") and not same:
+                log.warning("%s: its %d earlier case(s) were predicted with other settings; the new manifest "
+                            "lists only this run's cases", out_dir, len(previous["cases"]))
+            kept = {c for c in previous.get("cases", []) if same and (out_dir / f"{c}.nii.gz").is_file()}
+            resumed = kept if previous.get("complete") is False else set()
+            seconds = {c: t for c, t in previous.get("seconds_per_case", {}).items() if c in kept}
+            case_runs = {c: r for c, r in previous.get("case_runs", {}).items() if c in kept}
+
+            def manifest(complete: bool) -> dict:
+                return {**settings, "cases": sorted(kept), "seconds_per_case": seconds,
+                        "case_runs": case_runs, "complete": complete}
+
+            def finished(record: dict) -> None:  # the incomplete manifest lists every finished case
+                kept.add(record["case"])
+                seconds[record["case"]] = round(record["seconds"], 3)
+                case_runs[record["case"]] = record["runs"]
+                mark_incomplete(out_dir, "predict", **manifest(False))
+
+            mark_incomplete(out_dir, "predict", **manifest(False))
+            records = self._predict_cases([c for c in cases if c.case_id not in resumed], members, out_dir,
+                                          finished)
+            write_manifest(out_dir, {"kind": "predict", **manifest(True)})
+        if resumed:
+            log.info("%d case(s) were finished by an interrupted run with the same settings; kept",
+                     len(resumed))
+        return records
+
+    def _predict_cases(self, cases: Sequence, members: dict[str, tuple[int, ...]], out_dir: Path,
+                       on_done: Callable[[dict], object]) -> list[dict]:
+        """Predict ``cases`` group by group (networks loaded once per group); ``on_done(record)`` per case."""
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
         groups: dict[tuple[int, ...], list] = {}
         for case in cases:
             groups.setdefault(members[case.case_id], []).append(case)
@@ -271,20 +317,35 @@ class Predictor:
                     record = self.predict_case(case, nets, out_dir)
                     record["runs"] = [self.runs[i].name for i in group]
                     records.append(record)
+                    on_done(record)
                     log.info("%s: %d member(s), %.1f s", case.case_id, record["members"], record["seconds"])
                     progress.advance(task)
                 del nets
                 gc.collect()
-        done = sorted(set(previous.get("cases", [])) | {r["case"] for r in records})
-        write_manifest(out_dir, {
-            "kind": "predict", "label_convention": self.convention.name, "normalization": self.normalization,
-            "pipelines": sorted({r.pipeline for r in self.runs}), "runs": [str(r.path) for r in self.runs],
-            "oof": oof, "options": asdict(self.options), "n_views": len(self.views),
-            "et_threshold": self.options.et_threshold, "cases": done,
-            "seconds_per_case": {r["case"]: round(r["seconds"], 3) for r in records},
-            "case_runs": {r["case"]: r["runs"] for r in records},
-        })
         return records
+
+
+def checked_images(cases: Sequence, where: str | Path, problems: Sequence = ()) -> list:
+    """``cases`` without their seg files (predict reads the images only), once every image passed the checks
+    of ``check-data`` (:func:`brats_lightning.data.checks.check_cases`).
+
+    Raises:
+        DataProblems: every problem of every case (and the given ``problems``), before anything is written.
+    """
+    import dataclasses
+
+    from brats_lightning.data.checks import DataProblems, check_cases
+    from brats_lightning.data.preprocess import default_workers
+
+    cases = [dataclasses.replace(c, seg=None) for c in cases]
+    # a process pool starts in seconds: worth it for a data set, not for a few cases
+    workers = default_workers() if len(cases) > 8 else 1
+    problems = [*problems, *check_cases(cases, workers=workers)]
+    if problems:
+        raise DataProblems(sorted(problems, key=lambda p: (p.case, p.file)), f"predict into {where}",
+                           fix=f"nothing was written to {where}: fix or remove these cases (full report: "
+                               "`brats-lightning check-data DATA`), then rerun predict")
+    return cases
 
 
 def predict_folder(
@@ -312,15 +373,18 @@ def predict_folder(
     Returns:
         One record per case (paths, members, seconds).
     """
-    from brats_lightning.data.layout import find_cases
+    from brats_lightning.data.preprocess import layout_problems
 
     found = find_runs(runs_dir, pipeline=pipeline, model=model)
     if not found:
         wanted = ", ".join(f"{k}={v}" for k, v in (("pipeline", pipeline), ("model", model)) if v) or "any"
-        raise FileNotFoundError(f"no run.json under {runs_dir} ({wanted}); train first (python train.py ...)")
+        raise UserError(f"no run.json under {runs_dir} ({wanted}); expected trained runs: train first "
+                        "(python train.py ...) or check --runs / --pipeline / --model-name")
     runs = select_runs(found, select)
     log.info("ensemble (%s): %s", select, ", ".join(r.name for r in runs))
-    cases = find_cases(data)
+    cases, problems = layout_problems(data)
+    if problems:  # listed with every image problem of the cases that were found
+        checked_images(cases, out, problems)
     return Predictor(runs, options).predict(cases, out, oof=oof)
 
 

@@ -14,6 +14,7 @@ from brats_lightning.cli import main as cli_main
 from brats_lightning.data.labels import regions_to_labels
 from brats_lightning.data.layout import find_cases
 from brats_lightning.data.preprocess import preprocess_case
+from brats_lightning.errors import UserError
 from brats_lightning.inference.predictor import (
     PredictOptions,
     Predictor,
@@ -140,7 +141,7 @@ def test_two_pipelines_are_not_mixed(tiny_run_factory, tiny_dataset, tmp_path):
     records = predict_folder(tiny_run_factory.root, tiny_dataset / "case_002", tmp_path / "b", pipeline="B",
                              options=PredictOptions(tta="none"))
     assert [r["case"] for r in records] == ["case_002"]
-    with pytest.raises(FileNotFoundError, match="model=nope"):
+    with pytest.raises(UserError, match="model=nope"):
         predict_folder(tiny_run_factory.root, tiny_dataset, tmp_path / "p", model="nope")
 
 
