@@ -1,0 +1,292 @@
+"""Lesion-wise Dice and HD95, the numbers that rank the BraTS 2023 challenges (docs/method.md Evaluation).
+
+Our own implementation of the official BraTS 2023 lesion-wise scorer published by the challenge organisers
+(public repository rachitsaluja/BraTS-2023-Metrics, ``metrics.py``: ``get_LesionWiseScores`` and
+``get_LesionWiseResults``), written to give the same numbers. Per region mask (ET, TC or WT):
+
+1. GT lesions: the GT mask is dilated ``dilation`` times with the 18-connected structuring element
+   (``generate_binary_structure(3, 2)``, clipped at the volume border); each 26-connected component of the
+   dilated mask is one lesion, made of the GT voxels inside it (nearby 26-connected GT components merge).
+2. Predicted lesions: the 26-connected components of the predicted mask. A predicted lesion matches a GT
+   lesion when it touches that lesion's dilation (which is the dilated component). One predicted lesion can
+   match several GT lesions.
+3. Per GT lesion: Dice and HD95 between the lesion and the union of its matched predicted lesions (whole
+   components, also their parts outside the dilation); Dice 0 and HD95 374 when none matched.
+4. GT lesions of volume <= ``min_volume`` mm^3 (voxel count x voxel volume) are left out: neither TP nor FN,
+   their Dice and HD95 not averaged.
+5. False positives: predicted lesions that match no GT lesion (dropped small ones included), each Dice 0
+   and HD95 374.
+6. Case score: lesion-wise Dice = (sum of kept lesions' Dice) / (kept + FP); lesion-wise HD95 = (sum of kept
+   lesions' HD95 + 374 FP) / (kept + FP); with kept + FP = 0 (e.g. both masks empty) Dice 1 and HD95 0.
+
+HD95 (per lesion and full volume) follows the DeepMind surface-distance definition that the official scorer
+ships: surface elements are the 2x2x2 cubes that are partly inside the mask, weighted by their
+marching-cubes area in mm^2 (the area table comes from the ``surface-distance`` package, the same table);
+each direction's 95th percentile is area-weighted (first distance whose cumulative area reaches 95 %), and
+HD95 is the larger of the two directions. This differs from the BraTS 2020 HD95 in
+:mod:`brats_lightning.metrics` (voxel surfaces, pooled percentile, 373.13 for an empty mask).
+
+Quirks of the official code that change numbers, matched here:
+
+* the volume threshold uses ``<=`` (a lesion of exactly ``min_volume`` mm^3 is dropped);
+* a predicted lesion touching only a dropped GT lesion is not a false positive;
+* a predicted lesion matched to two GT lesions counts whole in each lesion's Dice;
+* "no lesion above the threshold and no false positive" scores Dice 1, HD95 0 (the NaN of 0/0 replaced),
+  whatever the prediction inside dropped lesions;
+* full-volume HD95 with exactly one empty mask is 374 (the scorer's inf replaced by 374), not 373.13;
+* the official code takes the voxel size from the prediction's header; we take the ground truth's (evaluate
+  refuses predictions on another grid, so both are the same).
+
+Speed: the official script runs several whole-volume operations per lesion (seconds per case). Here the GT
+dilation, the components and every per-lesion step run on bounding boxes: the GT box plus the dilation
+margin, then each lesion's box united with its matched predicted lesions' boxes. The crops are exact: the
+dilation cannot reach beyond ``dilation`` voxels of the GT, and the surface elements and distances only
+depend on voxels of the two masks, which lie inside the box (outside it both masks are 0, as scipy's and
+the scorer's zero padding assume).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import cc3d
+import numpy as np
+from scipy import ndimage
+
+from brats_lightning.metrics import METRIC_KEYS, REGION_NAMES, bounding_box, region_metrics
+
+MISSED_HD95: float = 374.0
+"""HD95 (mm) of a missed GT lesion, of a false-positive lesion, and of a full-volume mask with one empty."""
+
+LESION_METRIC_NAMES: tuple[str, ...] = ("dice", "hd95", "tp", "fp", "fn")
+LESION_KEYS: tuple[str, ...] = tuple(f"lw_{m}_{r}" for m in LESION_METRIC_NAMES for r in REGION_NAMES)
+"""``lw_dice_et, lw_dice_tc, lw_dice_wt, lw_hd95_et, ..., lw_fn_wt``: the lesion-wise columns of cases.csv."""
+
+_EIGHTEEN_CONNECTED = ndimage.generate_binary_structure(3, 2)
+
+
+@dataclass(frozen=True)
+class LesionRules:
+    """The lesion-wise parameters of one challenge, as the official scorer sets them.
+
+    Attributes:
+        name: the ``evaluate --rules`` name, e.g. ``brats2023-gli``.
+        challenge: the official scorer's challenge name, e.g. ``BraTS-GLI``.
+        dilation: iterations of the 18-connected dilation that merges and matches lesions.
+        min_volume: GT lesions of at most this volume (mm^3) are left out.
+    """
+
+    name: str
+    challenge: str
+    dilation: int
+    min_volume: float
+
+
+RULES: dict[str, LesionRules] = {rules.name: rules for rules in (
+    LesionRules("brats2023-gli", "BraTS-GLI", 3, 50.0),
+    LesionRules("brats2023-ssa", "BraTS-SSA", 3, 50.0),
+    LesionRules("brats2023-men", "BraTS-MEN", 1, 50.0),
+    LesionRules("brats2023-ped", "BraTS-PED", 3, 50.0),
+    LesionRules("brats2023-met", "BraTS-MET", 1, 2.0),
+    # The 2024 evaluation workflow scores BraTS-MEN with the 2023 metrics.py, same parameters.
+    LesionRules("brats2024-men", "BraTS-MEN", 1, 50.0),
+)}
+"""Lesion-wise rules by ``--rules`` name (the official ``get_LesionWiseResults`` parameters)."""
+
+
+@dataclass(frozen=True)
+class LesionScore:
+    """Lesion-wise result of one region of one case (the official ``LesionWise_Score_*`` and ``Num_*``)."""
+
+    dice: float
+    hd95: float
+    tp: int
+    fp: int
+    fn: int
+
+
+@functools.lru_cache(maxsize=16)
+def _surfel_areas(spacing: tuple[float, float, float]) -> np.ndarray:
+    from surface_distance.lookup_tables import create_table_neighbour_code_to_surface_area
+
+    return create_table_neighbour_code_to_surface_area(spacing)
+
+
+def _surfels(mask: np.ndarray, spacing: tuple[float, float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(border mask, area per border element) of a crop that has a zero layer on its high side."""
+    from surface_distance.lookup_tables import ENCODE_NEIGHBOURHOOD_3D_KERNEL
+
+    codes = ndimage.correlate(mask.astype(np.uint8), ENCODE_NEIGHBOURHOOD_3D_KERNEL, mode="constant", cval=0)
+    border = (codes != 0) & (codes != 255)
+    return border, _surfel_areas(spacing)[codes[border]]
+
+
+def _directed_percentile(distances: np.ndarray, areas: np.ndarray) -> float:
+    """Area-weighted 95th percentile: sort by (distance, area) as the scorer's ``sorted(zip(...))`` does."""
+    order = np.lexsort((areas, distances))
+    distances, areas = distances[order], areas[order]
+    cumulative = np.cumsum(areas) / np.sum(areas)
+    return float(distances[min(int(np.searchsorted(cumulative, 95 / 100.0)), len(distances) - 1)])
+
+
+def _hd95_in_crop(gt: np.ndarray, pred: np.ndarray, spacing: tuple[float, float, float]) -> float:
+    """Surface-element HD95 of two non-empty masks, given on a crop that holds both."""
+    padded = [np.pad(m, ((0, 1),) * 3) for m in (gt, pred)]  # the scorer's one zero layer on the high side
+    (border_gt, areas_gt), (border_pred, areas_pred) = (_surfels(m, spacing) for m in padded)
+    to_pred = ndimage.distance_transform_edt(~border_pred, sampling=spacing)[border_gt]
+    to_gt = ndimage.distance_transform_edt(~border_gt, sampling=spacing)[border_pred]
+    return max(_directed_percentile(to_pred, areas_gt), _directed_percentile(to_gt, areas_pred))
+
+
+def _spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
+    values = tuple(float(s) for s in spacing)
+    if len(values) != 3 or min(values) <= 0:
+        raise ValueError(f"spacing must be three positive voxel sizes in mm, found {values}")
+    return values  # type: ignore[return-value]
+
+
+def surface_hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:
+    """Full-volume HD95 like the BraTS 2023 scorer's ``Legacy_HD95`` (surface elements, module docstring).
+
+    Both masks empty: 0; exactly one empty: 374.
+    """
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    box = bounding_box(pred, gt)
+    if box is None:
+        return 0.0
+    if not pred.any() or not gt.any():
+        return MISSED_HD95
+    return _hd95_in_crop(gt[box], pred[box], _spacing(spacing))
+
+
+Box = tuple[tuple[int, int], ...]
+"""A box in volume coordinates: (start, stop) per axis."""
+
+
+def _box(slices: Sequence[slice], origin: Sequence[int] = (0, 0, 0)) -> Box:
+    return tuple((int(s.start) + o, int(s.stop) + o) for s, o in zip(slices, origin, strict=True))
+
+
+def _union(boxes: Sequence[Box]) -> Box:
+    return tuple((min(b[a][0] for b in boxes), max(b[a][1] for b in boxes)) for a in range(3))
+
+
+def _window(array: np.ndarray, origin: Sequence[int], box: Box) -> tuple[np.ndarray, tuple[slice, ...]]:
+    """The part of ``array`` (placed at ``origin``) inside ``box``, and where that part lies in ``box``."""
+    source, target = [], []
+    for (start, stop), o, size in zip(box, origin, array.shape, strict=True):
+        lo, hi = max(start, o), min(stop, o + size)
+        hi = max(hi, lo)
+        source.append(slice(lo - o, hi - o))
+        target.append(slice(lo - start, hi - start))
+    return array[tuple(source)], tuple(target)
+
+
+def _in_box(array: np.ndarray, origin: Sequence[int], box: Box, keep: np.ndarray) -> np.ndarray:
+    """Bool mask on ``box``: voxels of the labelled ``array`` (at ``origin``) whose label is in ``keep``."""
+    out = np.zeros(tuple(hi - lo for lo, hi in box), bool)
+    window, where = _window(array, origin, box)
+    out[where] = np.isin(window, keep)
+    return out
+
+
+def lesion_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
+                  rules: LesionRules) -> LesionScore:
+    """Lesion-wise Dice, HD95 and lesion counts of one region (the module docstring's rules).
+
+    Args:
+        pred: bool (X, Y, Z) predicted region.
+        gt: bool (X, Y, Z) ground truth region, same grid.
+        spacing: voxel size in mm along (X, Y, Z).
+        rules: the challenge's dilation and volume threshold (:data:`RULES`).
+    """
+    pred, gt = np.asarray(pred, bool), np.asarray(gt, bool)
+    if pred.shape != gt.shape or pred.ndim != 3:
+        raise ValueError(f"expected prediction and ground truth masks of one 3D shape, found {pred.shape} "
+                         f"and {gt.shape}")
+    if rules.dilation < 1:
+        raise ValueError(f"{rules.name}: dilation must be at least 1, found {rules.dilation}")
+    sx, sy, sz = spacing = _spacing(spacing)
+
+    pred_box = bounding_box(pred)
+    if pred_box is None:
+        pred_labels, pred_origin = np.zeros((0, 0, 0), np.uint8), (0, 0, 0)
+        pred_counts, pred_boxes = [0], [()]
+    else:
+        pred_labels = cc3d.connected_components(pred[pred_box], connectivity=26)
+        pred_origin = tuple(s.start for s in pred_box)
+        stats = cc3d.statistics(pred_labels)
+        pred_counts = [int(c) for c in stats["voxel_counts"]]
+        pred_boxes = [_box(b, pred_origin) if b is not None else () for b in stats["bounding_boxes"]]
+    n_pred = len(pred_counts) - 1
+
+    kept_dice, kept_hd95, matched_pred = [], [], set()
+    tp = fn = 0
+    gt_box = bounding_box(gt)
+    if gt_box is not None:
+        margin = tuple(slice(max(s.start - rules.dilation, 0), min(s.stop + rules.dilation, size))
+                       for s, size in zip(gt_box, gt.shape, strict=True))
+        gt_origin = tuple(s.start for s in margin)
+        gt_crop = gt[margin]
+        dilated = cc3d.connected_components(
+            ndimage.binary_dilation(gt_crop, _EIGHTEEN_CONNECTED, iterations=rules.dilation), connectivity=26)
+        lesions = dilated * gt_crop
+        dilated_boxes = cc3d.statistics(dilated)["bounding_boxes"]
+        lesion_stats = cc3d.statistics(lesions)
+        for k in range(1, int(dilated.max()) + 1):
+            dilation_box = dilated_boxes[k]
+            window, where = _window(pred_labels, pred_origin, _box(dilation_box, gt_origin))
+            matches = np.unique(window[(dilated[dilation_box] == k)[where]])
+            matches = matches[matches != 0]
+            matched_pred.update(int(m) for m in matches)
+            count = int(lesion_stats["voxel_counts"][k])
+            volume = count * sx * sy * sz  # the scorer's np.sum(gt_tmp) * sx * sy * sz
+            if volume <= rules.min_volume:
+                continue
+            if matches.size == 0:
+                fn += 1
+                kept_dice.append(0.0)
+                kept_hd95.append(MISSED_HD95)
+                continue
+            tp += 1
+            lesion_box = _box(lesion_stats["bounding_boxes"][k], gt_origin)
+            box = _union([lesion_box, *(pred_boxes[m] for m in matches)])
+            gt_mask = _in_box(lesions, gt_origin, box, np.array([k]))
+            pred_mask = _in_box(pred_labels, pred_origin, box, matches)
+            pred_volume = sum(pred_counts[m] for m in matches)
+            kept_dice.append(2.0 * int(np.count_nonzero(gt_mask & pred_mask)) / (pred_volume + count))
+            kept_hd95.append(_hd95_in_crop(gt_mask, pred_mask, spacing))
+    fp = n_pred - len(matched_pred)
+    total = len(kept_dice) + fp
+    if total == 0:  # the scorer's 0/0 = NaN, replaced by Dice 1 and HD95 0
+        return LesionScore(1.0, 0.0, tp, fp, fn)
+    hd95 = (float(np.sum(kept_hd95)) + fp * MISSED_HD95) / total
+    return LesionScore(float(np.sum(kept_dice)) / total, hd95, tp, fp, fn)
+
+
+def case_lesion_metrics(pred_regions: np.ndarray, gt_regions: np.ndarray, spacing: Sequence[float],
+                        rules: LesionRules) -> dict[str, float]:
+    """One case under the lesion-wise rules: :data:`METRIC_KEYS` (full volume, HD95 by :func:`surface_hd95`)
+    then :data:`LESION_KEYS`.
+
+    Args:
+        pred_regions: bool (3, X, Y, Z), channels ET, TC, WT.
+        gt_regions: same shape, the ground truth.
+        spacing: voxel size in mm along (X, Y, Z).
+        rules: :data:`RULES` entry.
+    """
+    pred_regions, gt_regions = np.asarray(pred_regions), np.asarray(gt_regions)
+    if pred_regions.shape != gt_regions.shape or pred_regions.ndim != 4 or len(pred_regions) != 3:
+        raise ValueError(f"expected prediction and ground truth regions of the same shape (3, X, Y, Z) "
+                         f"(ET, TC, WT), found {pred_regions.shape} and {gt_regions.shape}")
+    out: dict[str, float] = {}
+    lesion: dict[str, float] = {}
+    for i, region in enumerate(REGION_NAMES):
+        full = region_metrics(pred_regions[i], gt_regions[i], spacing, hd95=False)
+        full["hd95"] = surface_hd95(pred_regions[i], gt_regions[i], spacing)
+        out.update({f"{metric}_{region}": value for metric, value in full.items()})
+        score = lesion_scores(pred_regions[i], gt_regions[i], spacing, rules)
+        lesion.update({f"lw_{metric}_{region}": getattr(score, metric) for metric in LESION_METRIC_NAMES})
+    return {**{key: out[key] for key in METRIC_KEYS}, **{key: lesion[key] for key in LESION_KEYS}}
