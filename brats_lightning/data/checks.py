@@ -1,13 +1,15 @@
 """Data set checks: find every problem in a BraTS folder and report them all at once (docs/method.md "Data").
 
-``check_dataset(root)`` reads every file and reports: missing modalities, duplicate case ids, unreadable or
-truncated files (gzip errors), files that are not 3-D or whose pixdim disagrees with their affine, files of
-one case whose shapes or affines differ, non-finite voxels, all-zero modalities, non-integer label maps and
-labels outside the year's set (3 in 2020 data, 4 in 2023 data). ``fast=True`` reads only headers (presence,
-readability, shapes, affines). ``brats-lightning check-data DIR`` prints the problems as one table and exits
-with 1 when there is any. The per-file checks (:func:`check_header`, :func:`check_voxels`) also run inside
-``preprocess``, training's cache, ``predict`` and ``merge`` on every file they read; :class:`DataProblems` is
-the error those commands raise.
+``check_dataset(root)`` reads every file and reports: missing or doubled (``.nii`` and ``.nii.gz``)
+modalities, stray case files at the root, duplicate case ids, seg files missing from some cases of a
+labeled set, unreadable or truncated files (gzip errors), files that are not 3-D or whose pixdim disagrees
+with their affine, files of one case whose shapes or affines differ, non-finite voxels, all-zero
+modalities, non-integer label maps and labels outside the data set's convention (3 in 2020 data, 4 in 2023
+data; 4 is the resection cavity of BraTS 2024 post-treatment glioma, :mod:`brats_lightning.data.datasets`).
+``fast=True`` reads only headers (presence, readability, shapes, affines). ``brats-lightning check-data DIR``
+prints the problems as one table and exits with 1 when there is any. The per-file checks
+(:func:`check_header`, :func:`check_voxels`) also run inside ``preprocess``, training's cache, ``predict``
+and ``merge`` on every file they read; :class:`DataProblems` is the error those commands raise.
 """
 
 from __future__ import annotations
@@ -23,8 +25,14 @@ import nibabel as nib
 import numpy as np
 
 from brats_lightning.data.io import VolumeReadError, load_image, read_voxels
-from brats_lightning.data.labels import BRATS2020, BRATS2023, LabelConvention, unexpected_labels
-from brats_lightning.data.layout import MODALITIES, Case, scan_dataset
+from brats_lightning.data.labels import (
+    BRATS2020,
+    BRATS2023,
+    BRATS2024_GLI,
+    LabelConvention,
+    unexpected_labels,
+)
+from brats_lightning.data.layout import DATASET_FILE, MODALITIES, Case, scan_dataset
 from brats_lightning.errors import UserError
 
 AFFINE_TOLERANCE_MM = 1e-3
@@ -41,13 +49,17 @@ class Problem:
     message: str
 
 
-def _label_hint(convention_name: str, bad: Sequence[int]) -> str:
-    if convention_name == BRATS2020.name and BRATS2023.et in bad:
+def _label_hint(convention: LabelConvention, bad: Sequence[int]) -> str:
+    """The fix for labels outside ``convention``. Relabelling 4 -> 3 is only ever suggested next to the
+    other reading of a 4 under 2023 names: the resection cavity of BraTS 2024 post-treatment glioma."""
+    if convention == BRATS2020 and BRATS2023.et in bad:
         return ("BraTS 2020/2021 data uses 4 for enhancing tumour: relabel 3 -> 4 if this is 2023-style "
                 "data under 2020 names, or fix the segmentation")
-    if convention_name == BRATS2023.name and BRATS2020.et in bad:
-        return ("BraTS 2023 data uses 3 for enhancing tumour: relabel 4 -> 3 if this is 2020-style data "
-                "under 2023 names, or fix the segmentation")
+    if convention == BRATS2023 and BRATS2024_GLI.rc in bad:
+        return (f"4 is no {convention.name} label: if this is BraTS 2024 post-treatment glioma (4 = "
+                f"resection cavity), declare it with a {DATASET_FILE} holding "
+                f'{{"dataset": "{BRATS2024_GLI.name}"}} in the data folder; if it is 2020-style data under '
+                "2023 names (4 = enhancing tumour), relabel 4 -> 3; otherwise fix the segmentation")
     return "fix or re-export the segmentation"
 
 
@@ -114,7 +126,7 @@ def check_voxels(case_id: str, name: str, path: Path, data: np.ndarray,
         problems.append(Problem(case_id, str(path),
                                 f"seg holds label(s) {bad_labels} ({counts}) outside the "
                                 f"{convention.name} set {convention.labels}; "
-                                f"{_label_hint(convention.name, bad_labels)}"))
+                                f"{_label_hint(convention, bad_labels)}"))
     return problems
 
 
@@ -199,7 +211,25 @@ def check_dataset(root: str | Path, fast: bool = False, workers: int = 1) -> lis
     """
     cases, issues = scan_dataset(root)
     problems = [Problem(i.case, i.file, i.message) for i in issues] + check_cases(cases, fast, workers)
+    problems += _unlabeled_in_labeled_set(cases)
     return sorted(problems, key=lambda p: (p.case, p.file))
+
+
+def _unlabeled_in_labeled_set(cases: Sequence[Case]) -> list[Problem]:
+    """Cases without a seg file in a set where other cases have one (a training set missing labels)."""
+    n_labeled = sum(case.has_labels for case in cases)
+    if n_labeled in (0, len(cases)):
+        return []
+    problems = []
+    for case in cases:
+        if not case.has_labels:
+            expected = case.dataset.naming.filename(case.case_id, "seg")
+            problems.append(Problem(case.case_id, str(case.folder / expected),
+                                    f"seg missing (looked for {expected} in {case.folder}) while {n_labeled} "
+                                    f"of the {len(cases)} cases have one; expected every case of a training "
+                                    "set labeled (a validation set has none): add the label map or move "
+                                    "the case out"))
+    return problems
 
 
 def problems_table(problems: Sequence[Problem], root: str | Path | None = None, limit: int = 200) -> str:
@@ -222,7 +252,7 @@ class DataProblems(UserError):
                  fix: str = "fix or remove these cases, then rerun") -> None:
         self.problems = list(problems)
         n_cases = len({p.case for p in self.problems})
-        super().__init__(f"{what}: {len(self.problems)} problem(s) in {n_cases} case(s); nothing written:\n"
+        super().__init__(f"{what}: {len(self.problems)} problem(s) in {n_cases} case(s):\n"
                          f"{problems_table(self.problems, root)}\n{fix}")
 
 

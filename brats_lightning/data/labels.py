@@ -1,9 +1,12 @@
-"""Label maps <-> tumour regions (ET, TC, WT), defined once for every label convention.
+"""Label maps <-> regions, defined once for every label convention (docs/method.md "Data").
 
-docs/method.md "Data": BraTS 2020/2021 label maps use 0 background, 1 necrosis / non-enhancing core (NCR/NET),
-2 edema (ED), 4 enhancing tumour (ET); BraTS 2023 (GLI) uses 3 for ET. The network predicts the nested
-regions ET = {et}, TC = {1, et}, WT = {1, 2, et} (paper section 2.2), and inference turns regions back into a
-label map with "ET -> et; TC and not ET -> 1; WT and not TC -> 2" (paper section 2.5).
+BraTS 2020/2021 label maps use 0 background, 1 necrosis / non-enhancing core (NCR/NET), 2 edema (ED),
+4 enhancing tumour (ET); BraTS 2023 and later name the same classes NETC, SNFH, ET and use 3 for ET; BraTS
+2024 post-treatment glioma adds 4, the resection cavity (RC). The network predicts the nested tumour regions
+ET = {et}, TC = {1, et}, WT = {1, 2, et} (paper section 2.2) and, where the convention has a cavity, RC =
+{rc} as a fourth channel that is not nested in the others. Inference turns regions back into a label map
+with "ET -> et; TC and not ET -> 1; WT and not TC -> 2" (paper section 2.5) and, for RC, "RC and no tumour
+region -> rc": a tumour region wins over RC where both are predicted.
 
 The rule lives in :func:`_to_regions` / :func:`_to_labels`, which only use operators that numpy arrays and
 torch tensors share; the public numpy and torch functions differ only in how they allocate and stack.
@@ -21,31 +24,51 @@ if TYPE_CHECKING:  # torch is imported lazily so that numpy-only tools start fas
     import torch
 
 REGIONS: tuple[str, str, str] = ("ET", "TC", "WT")
+"""The nested tumour regions, channels 0-2 of every convention."""
+CAVITY_REGION = "RC"
+"""The resection cavity region, channel 3 where a convention has one (not nested in the tumour regions)."""
 
 
 @dataclass(frozen=True)
 class LabelConvention:
-    """The label codes of one BraTS edition (docs/method.md "Data").
+    """The label codes of one family of BraTS data sets (docs/method.md "Data").
 
     Attributes:
-        name: ``"brats2020"`` (also BraTS 2021) or ``"brats2023"``.
-        et: the enhancing tumour code (4 in 2020/2021, 3 in 2023).
+        name: ``"brats2020"`` (also BraTS 2021), ``"brats2023"`` (2023 and later sub-challenges) or
+            ``"brats2024-gli"`` (2024 post-treatment glioma, with a resection cavity).
+        et: the enhancing tumour code (4 in 2020/2021, 3 from 2023).
+        class_names: names of the codes 1, 2 and et (then rc): NCR/NET, ED, ET in 2020/2021; NETC, SNFH, ET
+            from 2023.
+        rc: the resection cavity code, or None when the convention has no cavity.
     """
 
     name: str
     et: int
+    class_names: tuple[str, ...] = ("NCR/NET", "ED", "ET")
+    rc: int | None = None
     ncr: ClassVar[int] = 1
     ed: ClassVar[int] = 2
 
     @property
     def labels(self) -> tuple[int, ...]:
-        """All valid codes of a label map, background first: (0, 1, 2, et)."""
-        return (0, self.ncr, self.ed, self.et)
+        """All valid codes of a label map, background first: (0, 1, 2, et) and rc when there is one."""
+        return (0, self.ncr, self.ed, self.et) + (() if self.rc is None else (self.rc,))
+
+    @property
+    def regions(self) -> tuple[str, ...]:
+        """The region channels the network predicts: ET, TC, WT, and RC when the convention has a cavity."""
+        return REGIONS + (() if self.rc is None else (CAVITY_REGION,))
+
+    @property
+    def names(self) -> dict[int, str]:
+        """Code -> class name for the non-background codes, e.g. ``{1: "NETC", 2: "SNFH", 3: "ET"}``."""
+        return dict(zip(self.labels[1:], self.class_names, strict=True))
 
 
 BRATS2020 = LabelConvention("brats2020", 4)
-BRATS2023 = LabelConvention("brats2023", 3)
-CONVENTIONS: dict[str, LabelConvention] = {"brats2020": BRATS2020, "brats2023": BRATS2023}
+BRATS2023 = LabelConvention("brats2023", 3, ("NETC", "SNFH", "ET"))
+BRATS2024_GLI = LabelConvention("brats2024-gli", 3, ("NETC", "SNFH", "ET", "RC"), rc=4)
+CONVENTIONS: dict[str, LabelConvention] = {c.name: c for c in (BRATS2020, BRATS2023, BRATS2024_GLI)}
 
 
 def get_convention(name: str | LabelConvention) -> LabelConvention:
@@ -61,23 +84,26 @@ def get_convention(name: str | LabelConvention) -> LabelConvention:
 
 
 def _to_regions(label_map: Any, convention: LabelConvention, stack: Callable[[list[Any]], Any]) -> Any:
-    """The one definition of label map -> (ET, TC, WT) masks, for numpy arrays and torch tensors."""
+    """The one definition of label map -> (ET, TC, WT[, RC]) masks, for numpy arrays and torch tensors."""
     et = label_map == convention.et
     tc = et | (label_map == convention.ncr)
     wt = tc | (label_map == convention.ed)
-    return stack([et, tc, wt])
+    cavity = [] if convention.rc is None else [label_map == convention.rc]
+    return stack([et, tc, wt, *cavity])
 
 
 def _to_labels(regions: Any, convention: LabelConvention, out: Any) -> Any:
-    """The one definition of (ET, TC, WT) masks -> label map, written into the zero-filled ``out``.
+    """The one definition of (ET, TC, WT[, RC]) masks -> label map, written into the zero-filled ``out``.
 
-    Later assignments win, so ET has priority over TC over WT: ET -> et; TC and not ET -> ncr;
-    WT and not TC (and not ET) -> ed.
+    Later assignments win, so ET has priority over TC over WT over RC: ET -> et; TC and not ET -> ncr;
+    WT and not TC -> ed; RC and none of the tumour regions -> rc (a tumour region wins over the cavity).
     """
-    if regions.shape[0] != len(REGIONS):
+    if regions.shape[0] != len(convention.regions):
         raise ValueError(
-            f"regions must have {len(REGIONS)} channels {REGIONS} on the first axis; "
-            f"got shape {tuple(regions.shape)}")
+            f"regions must have {len(convention.regions)} channels {convention.regions} on the first axis "
+            f"({convention.name}); got shape {tuple(regions.shape)}")
+    if convention.rc is not None:
+        out[regions[3]] = convention.rc
     et, tc, wt = regions[0], regions[1], regions[2]
     out[wt] = convention.ed
     out[tc] = convention.ncr
@@ -86,20 +112,20 @@ def _to_labels(regions: Any, convention: LabelConvention, out: Any) -> Any:
 
 
 def labels_to_regions(label_map: np.ndarray, convention: LabelConvention = BRATS2020) -> np.ndarray:
-    """Label map (*spatial) -> bool regions (3, *spatial) in the order ET, TC, WT."""
+    """Label map -> bool regions (C, *spatial), channels ``convention.regions`` (ET, TC, WT[, RC])."""
     return _to_regions(np.asarray(label_map), convention, lambda masks: np.stack(masks, axis=0))
 
 
 def regions_to_labels(regions: np.ndarray, convention: LabelConvention = BRATS2020) -> np.ndarray:
-    """Bool regions (3, *spatial), order ET, TC, WT -> uint8 label map (*spatial)."""
+    """Bool regions (C, *spatial) in the order ``convention.regions`` -> uint8 label map (*spatial)."""
     regions = np.asarray(regions).astype(bool, copy=False)
     return _to_labels(regions, convention, np.zeros(regions.shape[1:], dtype=np.uint8))
 
 
 def labels_to_regions_torch(label_map: torch.Tensor, convention: LabelConvention = BRATS2020) -> torch.Tensor:
-    """Torch version of :func:`labels_to_regions`: (X, Y, Z) -> bool (3, X, Y, Z), same device.
+    """Torch version of :func:`labels_to_regions`: (X, Y, Z) -> bool (C, X, Y, Z), same device.
 
-    A batch (B, X, Y, Z) gives (B, 3, X, Y, Z).
+    A batch (B, X, Y, Z) gives (B, C, X, Y, Z).
     """
     import torch
 
@@ -108,9 +134,9 @@ def labels_to_regions_torch(label_map: torch.Tensor, convention: LabelConvention
 
 
 def regions_to_labels_torch(regions: torch.Tensor, convention: LabelConvention = BRATS2020) -> torch.Tensor:
-    """Torch version of :func:`regions_to_labels`: bool (3, *spatial) -> uint8 (*spatial), same device.
+    """Torch version of :func:`regions_to_labels`: bool (C, *spatial) -> uint8 (*spatial), same device.
 
-    A batch (B, 3, X, Y, Z) gives (B, X, Y, Z).
+    A batch (B, C, X, Y, Z) gives (B, X, Y, Z).
     """
     import torch
 

@@ -10,7 +10,8 @@ field of view at a coarser ``spacing``), then:
    tumour (edema, label 2, reaching further along white matter), an eccentric tumour core with a necrotic
    centre (label 1) and an enhancing rim (label 4, or 3 with 2023 labels); about 10% of cases have no
    enhancing tumour (the core is all label 1) and about 15% no necrosis (the core is all enhancing);
-   surrounding tissue is pushed aside (mass effect);
+   surrounding tissue is pushed aside (mass effect); BraTS 2024 post-treatment cases also get a resection
+   cavity (label 4, CSF-like contrasts) carved into the tumour from its own random stream;
 3. glioma-like contrasts per modality (paper section 1): ET bright on t1ce only, necrosis dark on t1ce,
    edema bright on t2 and flair and darker on t1, CSF bright on t2 and dark on flair, GM/WM contrast
    per modality; per-case jitter of every tissue's intensity;
@@ -18,7 +19,11 @@ field of view at a coarser ``spacing``), then:
    images stored as int16 like BraTS, clipped to >= 1 inside the brain and exactly 0 outside, so the
    non-zero normalization and the brain box behave as on real data.
 
-Case ``k`` depends only on ``(seed, k, spacing, year)``: not on the number of cases or workers.
+File names, case ids and label codes follow the data set chosen by ``year`` and ``task`` in the registry
+(:func:`brats_lightning.data.datasets.dataset_for_year`): 2020, 2021, 2023 with any of its sub-challenges
+(GLI, MEN, MET, PED, SSA, GoAT), 2024 (post-treatment glioma, which also gets a ``dataset.json`` since its
+names are those of 2023 GLI). Case ``k`` depends only on ``(seed, k, spacing, year, task)``: not on the
+number of cases or workers; the tumour of 2020, 2021 and 2023 cases is the same apart from its codes.
 """
 
 from __future__ import annotations
@@ -37,14 +42,16 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage
 
+from brats_lightning.data.datasets import MODALITIES, TASKS, DataSet, dataset_for_year
 from brats_lightning.data.io import atomic_path, save_volume
 from brats_lightning.data.labels import LabelConvention
-from brats_lightning.data.layout import MODALITIES, NAMING_2020, NAMING_2023, Naming
+from brats_lightning.data.layout import DATASET_FILE
+from brats_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
 
 BRATS_GRID_MM: tuple[int, int, int] = (240, 240, 155)
-YEARS: tuple[int, ...] = (2020, 2021, 2023)
+YEARS: tuple[int, ...] = (2020, 2021, 2023, 2024)
 
 # Tissue intensities relative to T1 white matter, rows in MODALITIES order (t1, t1ce, t2, flair),
 # columns: CSF, GM, WM, edema, necrosis / non-enhancing core, enhancing tumour.
@@ -59,23 +66,16 @@ CONTRASTS = np.array([
 ], dtype=np.float64)
 
 
-def case_id_for(index: int, year: int) -> str:
+def case_id_for(index: int, year: int, task: str | None = None) -> str:
     """BraTS-style id of synthetic case ``index`` (1-based): BraTS20_Training_001, BraTS2021_00001,
-    BraTS-GLI-00001-000."""
-    if year == 2020:
-        return f"BraTS20_Training_{index:03d}"
-    if year == 2021:
-        return f"BraTS2021_{index:05d}"
-    if year == 2023:
-        return f"BraTS-GLI-{index:05d}-000"
-    raise ValueError(f"unsupported year {year}; expected one of {YEARS}")
+    BraTS-GLI-00001-000, BraTS-MEN-00001-000, ..."""
+    return _dataset(year, task).case_id(index)
 
 
-def naming_for(year: int) -> Naming:
-    """File naming (and label convention) of a BraTS edition."""
+def _dataset(year: int, task: str | None) -> DataSet:
     if year not in YEARS:
         raise ValueError(f"unsupported year {year}; expected one of {YEARS}")
-    return NAMING_2023 if year == 2023 else NAMING_2020
+    return dataset_for_year(year, task)
 
 
 def grid_for(spacing: float) -> tuple[tuple[int, int, int], np.ndarray]:
@@ -232,10 +232,22 @@ class SyntheticCase:
     info: dict
 
 
-def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int = 2020) -> SyntheticCase:
+def _cavity(seed: int, index: int, lu: np.ndarray, radii: np.ndarray) -> np.ndarray:
+    """A resection cavity (bool, local tumour box): a smooth ellipsoid off the core centre, drawn from its
+    own stream so that the tumour around it is the one the other years get."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), int(index), 2]))
+    direction = rng.normal(size=3)
+    centre = direction / np.linalg.norm(direction) * rng.uniform(0.2, 0.45) * float(radii.min())
+    semi = float(radii.min()) * rng.uniform(0.35, 0.55, size=3)
+    rel = lu - centre[:, None, None, None].astype(np.float32)
+    return sum((rel[i] / np.float32(semi[i])) ** 2 for i in range(3)) < 1.0
+
+
+def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int = 2020,
+                    task: str | None = None) -> SyntheticCase:
     """Generate synthetic case ``index`` (1-based) of the data set with ``seed`` (see the module doc)."""
-    naming = naming_for(year)
-    convention: LabelConvention = naming.convention
+    dataset = _dataset(year, task)
+    convention: LabelConvention = dataset.convention
     # grid-independent choices come from one stream, noise arrays (sized by the grid) from another, so a
     # case's anatomy, tumour kind and contrasts are the same whatever the spacing
     params = case_parameters(seed, index)
@@ -363,15 +375,22 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
     else:
         local_labels[tc] = convention.et
         local_labels[ncr] = convention.ncr
+    if convention.rc is not None:  # BraTS 2024: the resection cavity replaces part of the tumour
+        local_labels[_cavity(seed, index, lu, radii) & lbrain] = convention.rc
 
     # --- intensities
     blur = 0.7 / s
     soft = {}
-    for name, region in (("edema", wt & ~tc), ("necrosis", local_labels == convention.ncr),
-                         ("enhancing", local_labels == convention.et)):
+    regions = [("edema", wt & ~tc & (local_labels == convention.ed) if convention.rc else wt & ~tc),
+               ("necrosis", local_labels == convention.ncr), ("enhancing", local_labels == convention.et)]
+    if convention.rc is not None:
+        regions.append(("cavity", local_labels == convention.rc))
+    for name, region in regions:
         weight = region.astype(np.float32)
         soft[name] = ndimage.gaussian_filter(weight, blur) if blur >= 0.3 else weight
     healthy_w = np.clip(1.0 - soft["edema"] - soft["necrosis"] - soft["enhancing"], 0.0, 1.0)
+    if "cavity" in soft:
+        healthy_w = np.clip(healthy_w - soft["cavity"], 0.0, 1.0)
     texture = 1.0 + 0.07 * n_tex
     brain_idx = np.flatnonzero(brain)
     bshape = brain.shape
@@ -382,6 +401,8 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
         local = vol[box]
         tumour = (soft["edema"] * (0.25 * local + 0.75 * mu[3])
                   + (soft["necrosis"] * mu[4] + soft["enhancing"] * mu[5]) * texture)
+        if "cavity" in soft:  # fluid: the CSF contrasts
+            tumour = tumour + soft["cavity"] * mu[0]
         vol[box] = healthy_w * local + tumour
         vol *= np.exp(params.biases[m](axes))
         sigma = np.float32(params.sigmas[m])
@@ -401,7 +422,7 @@ def synthesize_case(index: int, seed: int = 0, spacing: float = 1.0, year: int =
             "has_et": bool(has_et), "has_necrosis": bool(has_ncr and (labels == convention.ncr).any()),
             "label_voxels": counts, "intensity_scale": np.round(params.scales, 1).tolist(),
             "noise_sigma": np.round(params.sigmas, 4).tolist()}
-    return SyntheticCase(case_id_for(index, year), images, labels, affine, tissue,
+    return SyntheticCase(dataset.case_id(index), images, labels, affine, tissue,
                          tuple(int(v) for v in tumour_vox), info)  # type: ignore[arg-type]
 
 
@@ -413,10 +434,11 @@ def _reference_image(shape: tuple[int, ...], affine: np.ndarray) -> nib.Nifti1Im
     return image
 
 
-def write_case(out: str | Path, index: int, seed: int = 0, spacing: float = 1.0, year: int = 2020) -> Path:
+def write_case(out: str | Path, index: int, seed: int = 0, spacing: float = 1.0, year: int = 2020,
+               task: str | None = None) -> Path:
     """Generate case ``index`` and write its five files in BraTS layout under ``out``; returns the folder."""
-    case = synthesize_case(index, seed, spacing, year)
-    naming = naming_for(year)
+    case = synthesize_case(index, seed, spacing, year, task)
+    naming = _dataset(year, task).naming
     folder = Path(out) / case.case_id
     folder.mkdir(parents=True, exist_ok=True)
     reference = _reference_image(case.labels.shape, case.affine)
@@ -426,7 +448,7 @@ def write_case(out: str | Path, index: int, seed: int = 0, spacing: float = 1.0,
     return folder
 
 
-def _write_case_job(args: tuple[str, int, int, float, int]) -> str:
+def _write_case_job(args: tuple[str, int, int, float, int, str | None]) -> str:
     return str(write_case(*args))
 
 
@@ -436,6 +458,7 @@ def generate_dataset(
     seed: int = 0,
     spacing: float = 1.0,
     year: int = 2020,
+    task: str | None = None,
     preview: str | Path | None = None,
     workers: int | None = None,
     progress: bool = True,
@@ -445,9 +468,11 @@ def generate_dataset(
     Args:
         out: data set folder (created).
         n_cases: number of cases.
-        seed: data set seed; case k's content depends only on (seed, k, spacing, year).
+        seed: data set seed; case k's content depends only on (seed, k, spacing, year, task).
         spacing: voxel size in mm (1.0 gives BraTS's 240x240x155 grid).
-        year: 2020 or 2021 (labels 0/1/2/4) or 2023 (GLI naming, ET label 3).
+        year: 2020 or 2021 (labels 0/1/2/4), 2023 (BraTS-<task> naming, ET label 3) or 2024 (post-treatment
+            glioma: 2023 GLI names, a resection cavity label 4, and a dataset.json declaring the set).
+        task: the 2023 sub-challenge (GLI, MEN, MET, PED, SSA, GoAT; None: GLI).
         preview: write a PNG of case 1 (one axial slice per modality with the label overlay).
         workers: worker processes (None: CPU count, at most 8; 1 generates in this process).
         progress: show a rich progress bar.
@@ -457,13 +482,13 @@ def generate_dataset(
     """
     if n_cases < 1:
         raise ValueError(f"n_cases must be >= 1; got {n_cases}")
-    naming_for(year)
+    dataset = _dataset(year, task)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     from brats_lightning.data.preprocess import default_workers
 
     workers = min(default_workers() if workers is None else max(1, int(workers)), n_cases)
-    jobs = [(str(out), k, int(seed), float(spacing), int(year)) for k in range(1, n_cases + 1)]
+    jobs = [(str(out), k, int(seed), float(spacing), int(year), task) for k in range(1, n_cases + 1)]
     start = time.perf_counter()
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
@@ -471,35 +496,39 @@ def generate_dataset(
                TimeElapsedColumn())
     folders: list[Path] = []
     with Progress(*columns, transient=False, disable=not progress) as bar:
-        task = bar.add_task("synthetic cases", total=n_cases)
+        bar_task = bar.add_task("synthetic cases", total=n_cases)
         if workers == 1:
             for job in jobs:
                 folders.append(Path(_write_case_job(job)))
-                bar.advance(task)
+                bar.advance(bar_task)
         else:
             context = multiprocessing.get_context("spawn")
             with ProcessPoolExecutor(workers, mp_context=context) as pool:
                 for folder in pool.map(_write_case_job, jobs):
                     folders.append(Path(folder))
-                    bar.advance(task)
+                    bar.advance(bar_task)
     elapsed = time.perf_counter() - start
+    if not dataset.by_name:  # names shared with another data set: the folder says which one it is
+        with atomic_path(out / DATASET_FILE) as tmp:
+            tmp.write_text(json.dumps({"dataset": dataset.name}) + "\n")
     with atomic_path(out / "synthetic.json") as tmp:
         tmp.write_text(json.dumps({"generator": "brats_lightning.data.synthetic", "n_cases": n_cases,
-                                   "seed": seed, "spacing": spacing, "year": year,
-                                   "seconds": round(elapsed, 2), "workers": workers}, indent=1) + "\n")
+                                   "seed": seed, "spacing": spacing, "year": year, "task": task,
+                                   "dataset": dataset.name, "seconds": round(elapsed, 2),
+                                   "workers": workers}, indent=1) + "\n")
     log.info("wrote %d synthetic cases to %s in %.1f s (%d workers)", n_cases, out, elapsed, workers)
     if preview is not None:
-        write_preview(_preview_case(folders), preview)
+        write_preview(_preview_case(folders, dataset), preview, dataset)
     return sorted(folders)
 
 
-def _preview_case(folders: list[Path]) -> Path:
-    """The first case whose label map holds every tumour label (else the first case)."""
+def _preview_case(folders: list[Path], dataset: DataSet) -> Path:
+    """The first case whose label map holds every label (else the first case)."""
     from brats_lightning.data.io import load_volume
     from brats_lightning.data.layout import find_cases
 
     for folder in sorted(folders):
-        case = find_cases(folder)[0]
+        case = find_cases(folder, dataset=dataset)[0]
         if case.seg is not None:
             seg, _ = load_volume(case.seg, dtype=None)
             if set(case.convention.labels) <= set(np.unique(seg).tolist()):
@@ -507,12 +536,14 @@ def _preview_case(folders: list[Path]) -> Path:
     return sorted(folders)[0]
 
 
-LABEL_COLOURS = {"ET": (1.0, 0.0, 0.0), "NCR": (0.0, 0.85, 0.0), "ED": (1.0, 0.9, 0.0)}
+LABEL_COLOURS = {"et": (1.0, 0.0, 0.0), "ncr": (0.0, 0.85, 0.0), "ed": (1.0, 0.9, 0.0), "rc": (0.2, 0.5, 1.0)}
+"""Overlay colour per label role of a convention (named by the convention's class names in the legend)."""
 
 
-def write_preview(case_folder: str | Path, png: str | Path) -> Path:
+def write_preview(case_folder: str | Path, png: str | Path, dataset: DataSet | None = None) -> Path:
     """PNG of one case: an axial slice per modality through the tumour centre, without and with the label
-    overlay (ET red, NCR/NET green, ED yellow, as in the paper's Fig. 1)."""
+    overlay (ET red, NCR/NET (NETC) green, ED (SNFH) yellow, as in the paper's Fig. 1; RC blue).
+    ``dataset``: the case's data set (None: from its names)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -522,9 +553,10 @@ def write_preview(case_folder: str | Path, png: str | Path) -> Path:
     from brats_lightning.data.io import load_case
     from brats_lightning.data.layout import find_cases
 
-    case = find_cases(case_folder)[0]
+    case = find_cases(case_folder, dataset=dataset)[0]
     images, labels, _ = load_case(case)
     conv = case.convention
+    codes = {role: getattr(conv, role) for role in LABEL_COLOURS if getattr(conv, role) is not None}
     if labels is None or not labels.any():
         z = images.shape[-1] // 2
     else:  # the centre of the tumour core (of the whole tumour when there is no core)
@@ -544,15 +576,15 @@ def write_preview(case_folder: str | Path, png: str | Path) -> Path:
             if row == 1 and labels is not None:
                 lab = labels[x0:x1, y0:y1, z].T
                 rgba = np.zeros((*lab.shape, 4))
-                for code, colour in ((conv.et, LABEL_COLOURS["ET"]), (conv.ncr, LABEL_COLOURS["NCR"]),
-                                     (conv.ed, LABEL_COLOURS["ED"])):
-                    rgba[lab == code] = (*colour, 0.45)
+                for role, code in codes.items():
+                    rgba[lab == code] = (*LABEL_COLOURS[role], 0.45)
                 ax.imshow(rgba, interpolation="nearest")
             ax.set_axis_off()
             if row == 0:
                 ax.set_title(name, color="white", fontsize=11)
-    handles = [Patch(color=c, label=n) for n, c in LABEL_COLOURS.items()]
-    fig.legend(handles=handles, loc="lower center", ncol=3, frameon=False, labelcolor="white", fontsize=10)
+    handles = [Patch(color=LABEL_COLOURS[role], label=conv.names[code]) for role, code in codes.items()]
+    fig.legend(handles=handles, loc="lower center", ncol=len(handles), frameon=False, labelcolor="white",
+               fontsize=10)
     fig.suptitle(f"{case.case_id} (synthetic), axial slice {z}", color="white", fontsize=11)
     fig.tight_layout(rect=(0, 0.05, 1, 0.96))
     png = Path(png)
@@ -572,7 +604,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--spacing", type=float, default=1.0,
                         help="voxel size in mm (default 1: BraTS's 240x240x155 grid; 2 gives 120x120x78)")
     parser.add_argument("--year", type=int, choices=YEARS, default=2020,
-                        help="naming and labels: 2020/2021 (ET=4) or 2023 (BraTS-GLI, ET=3)")
+                        help="naming and labels: 2020/2021 (ET=4), 2023 (BraTS-<task>, ET=3) or 2024 "
+                             "(post-treatment glioma: 2023 GLI names, ET=3, resection cavity 4)")
+    parser.add_argument("--task", choices=TASKS, default=None,
+                        help="2023 sub-challenge (names BraTS-<TASK>-...; default GLI)")
     parser.add_argument("--preview", type=Path, default=None, help="write a PNG preview of the first case")
     parser.add_argument("--workers", type=int, default=None,
                         help="worker processes (default: CPU count, at most 8)")
@@ -583,10 +618,14 @@ def run(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     start = time.perf_counter()
+    try:
+        dataset = _dataset(args.year, args.task)
+    except ValueError as err:
+        raise UserError(f"synth: {err}") from None
     folders = generate_dataset(args.out, args.cases, seed=args.seed, spacing=args.spacing, year=args.year,
-                               preview=args.preview, workers=args.workers)
+                               task=args.task, preview=args.preview, workers=args.workers)
     shape, _ = grid_for(args.spacing)
-    message = (f"wrote {len(folders)} synthetic cases ({args.year} naming, "
+    message = (f"wrote {len(folders)} synthetic cases ({args.year} naming, {dataset.name}, "
                f"{shape[0]}x{shape[1]}x{shape[2]} at "
                f"{args.spacing:g} mm, seed {args.seed}) to {args.out} in {time.perf_counter() - start:.1f} s")
     if args.preview is not None:

@@ -30,6 +30,35 @@ def test_grid():
     assert case_id_for(7, 2020) == "BraTS20_Training_007"
     assert case_id_for(7, 2021) == "BraTS2021_00007"
     assert case_id_for(7, 2023) == "BraTS-GLI-00007-000"
+    assert case_id_for(7, 2023, "MEN") == "BraTS-MEN-00007-000"
+    assert case_id_for(7, 2023, "GoAT") == "BraTS-GoAT-00007-000"
+    assert case_id_for(7, 2024) == "BraTS-GLI-00007-100"
+    with pytest.raises(ValueError, match="unsupported year 2019"):
+        case_id_for(7, 2019)
+
+
+def test_default_output_unchanged():
+    """The 2020 cases are the ones generated before the registry existed (voxel hashes recorded then), and
+    every 2023 task and 2024 share their images and tumour (only codes, and 2024's cavity, differ)."""
+    import hashlib
+
+    def digest(array):
+        return hashlib.sha256(np.ascontiguousarray(array).tobytes()).hexdigest()[:16]
+
+    case = synthesize_case(1, seed=0, spacing=4.0)
+    assert (digest(case.images), digest(case.labels)) == ("474a7b5110eac9b0", "71e64cf2dc1e9dca")
+    men = synthesize_case(1, seed=0, spacing=4.0, year=2023, task="MEN")
+    np.testing.assert_array_equal(men.images, case.images)
+    np.testing.assert_array_equal(men.labels, np.where(case.labels == 4, 3, case.labels))
+    post = synthesize_case(1, seed=0, spacing=4.0, year=2024)
+    cavity = post.labels == 4
+    assert cavity.sum() > 20 and set(np.unique(post.labels).tolist()) == {0, 1, 2, 3, 4}
+    # outside the cavity the tumour is the 2023 one; inside it the tumour (or brain) was resected
+    np.testing.assert_array_equal(post.labels[~cavity], men.labels[~cavity])
+    assert (men.labels[cavity] > 0).mean() > 0.5
+    t2, flair = post.images[T2], post.images[FLAIR]
+    assert _region_mean(t2, cavity) > _region_mean(t2, post.labels == 3)  # fluid: bright on t2,
+    assert _region_mean(flair, cavity) < _region_mean(flair, post.labels == 2)  # dark on flair
 
 
 def test_deterministic_for_a_seed():
@@ -131,7 +160,8 @@ def test_cli_with_preview(tmp_path, capsys):
     out = tmp_path / "set"
     assert main(["synth", "--out", str(out), "--cases", "2", "--seed", "3", "--spacing", "4",
                  "--preview", str(png), "--workers", "1"]) == 0
-    assert "wrote 2 synthetic cases (2020 naming, 60x60x39 at 4 mm, seed 3)" in capsys.readouterr().out
+    out_text = capsys.readouterr().out
+    assert "wrote 2 synthetic cases (2020 naming, brats2020, 60x60x39 at 4 mm, seed 3)" in out_text
     assert [c.case_id for c in find_cases(out)] == ["BraTS20_Training_001", "BraTS20_Training_002"]
     data = png.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) < 300_000
