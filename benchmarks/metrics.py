@@ -1,4 +1,5 @@
-"""Time the BraTS metrics of one realistic case: Dice, HD95, sensitivity, specificity for ET, TC and WT.
+"""Time the BraTS metrics of one realistic case: Dice, HD95, sensitivity, specificity for ET, TC and WT, and
+the BraTS 2023 lesion-wise scores of a case with 10 lesions.
 
 The case: a 240x240x155 grid at 1 mm (BraTS), a tumour about 60 mm across (whole tumour), a ~36 mm core
 with an enhancing rim around necrosis, all with irregular (noise-perturbed) borders; the prediction is the
@@ -6,9 +7,14 @@ ground truth shifted by (2, -1, 1) voxels with its borders perturbed again. ``ca
 union bounding box of each region's two masks; the baseline applies the same docs/method.md recipe (erosion,
 Euclidean distance transforms) to the whole volume, and both must give the same HD95.
 
+Lesion-wise (``brats_lightning.lesionwise``, brats2023-gli rules): ten tumours of 4-15 mm radius on the same
+grid, the prediction moved by a voxel and shrunk, one tumour missed and one false positive added. The
+baseline is the official scorer's steps on whole volumes (``tests/test_lesionwise.py``'s brute force); both
+must give the same numbers, and the row reports the speed-up.
+
 Usage (from the repository root): ``python -m benchmarks.metrics [--repeats 5] [--baseline-repeats 2]
-[--no-record]``. The timed part runs pinned to one CPU core where the OS allows it (``os.sched_setaffinity``;
-the previous affinity is restored afterwards).
+[--lesion-repeats 3] [--lesion-baseline-repeats 1] [--no-record]``. The timed part runs pinned to one CPU
+core where the OS allows it (``os.sched_setaffinity``; the previous affinity is restored afterwards).
 """
 
 from __future__ import annotations
@@ -25,11 +31,18 @@ import numpy as np
 from scipy import ndimage
 
 from benchmarks.common import describe_device, finish, make_main
-from brats_lightning.data.labels import BRATS2020, labels_to_regions
+from brats_lightning.data.labels import BRATS2020, BRATS2023, labels_to_regions
+from brats_lightning.lesionwise import RULES, lesion_scores
 from brats_lightning.metrics import REGION_NAMES, case_metrics
 
 SHAPE = (240, 240, 155)
-COLUMNS = ["variant", "case", "median ms", "min ms", "HD95 ET / TC / WT (mm)", "Dice ET / TC / WT"]
+COLUMNS = ["variant", "case", "median ms", "min ms", "HD95 ET / TC / WT (mm)", "Dice ET / TC / WT",
+           "speed-up"]
+LESION_TUMOURS: tuple[tuple[tuple[int, int, int], float], ...] = (
+    ((60, 60, 40), 15), ((170, 60, 50), 12), ((60, 170, 60), 10), ((170, 170, 90), 14), ((120, 120, 77), 8),
+    ((40, 120, 110), 6), ((200, 120, 110), 7), ((120, 40, 120), 5), ((120, 200, 30), 9), ((95, 95, 130), 4),
+)
+"""(centre, radius in mm) of the lesion-wise case's ground truth tumours."""
 
 
 def realistic_case(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -51,6 +64,26 @@ def realistic_case(seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 
     gt = tumour((130, 110, 80), int(rng.integers(1 << 30)))
     pred = tumour((132, 109, 81), int(rng.integers(1 << 30)))
+    return gt, pred
+
+
+def lesion_case() -> tuple[np.ndarray, np.ndarray]:
+    """(ground truth, prediction) label maps, BraTS 2023 codes (1 NETC, 2 SNFH, 3 ET), 10 GT lesions: the
+    prediction moves each tumour by a voxel, misses the 4 mm one and adds a false positive."""
+    def paint(labels: np.ndarray, centre: tuple[int, int, int], radius: float) -> None:
+        box = tuple(slice(max(c - int(radius) - 1, 0), min(c + int(radius) + 2, n))
+                    for c, n in zip(centre, SHAPE, strict=True))
+        r = np.sqrt(sum((g - c) ** 2 for g, c in zip(np.ogrid[box], centre, strict=True))) / radius
+        labels[box][(r < 1) & (labels[box] == 0)] = 2
+        labels[box][r < 0.7] = 3
+        labels[box][r < 0.45] = 1
+
+    gt, pred = np.zeros(SHAPE, np.uint8), np.zeros(SHAPE, np.uint8)
+    for (x, y, z), radius in LESION_TUMOURS:
+        paint(gt, (x, y, z), radius)
+        if radius > 4:
+            paint(pred, (x + 1, y, z - 1), radius * 0.95)
+    paint(pred, (200, 200, 30), 5)
     return gt, pred
 
 
@@ -78,11 +111,56 @@ def whole_volume_metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     return out
 
 
+def lesionwise_rows(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """Rows of the lesion-wise scorer (bounding boxes) and of the whole-volume baseline (same numbers)."""
+    from tests.test_lesionwise import brute_force
+
+    gt_labels, pred_labels = lesion_case()
+    gt, pred = labels_to_regions(gt_labels, BRATS2023), labels_to_regions(pred_labels, BRATS2023)
+    rules, spacing = RULES["brats2023-gli"], (1.0, 1.0, 1.0)
+
+    def scorer(score: Callable) -> Callable[[], dict[str, float]]:
+        def scores() -> dict[str, float]:
+            out = {}
+            for i, region in enumerate(REGION_NAMES):
+                result = score(pred[i], gt[i], spacing, rules)
+                out.update({f"hd95_{region}": result.hd95, f"dice_{region}": result.dice,
+                            f"lesions_{region}": (result.tp, result.fp, result.fn)})
+            return out
+        return scores
+
+    case = f"{'x'.join(map(str, SHAPE))}, {len(LESION_TUMOURS)} GT lesions, brats2023-gli, 1 core"
+    variants = [("lesion-wise (bounding boxes)", scorer(lesion_scores), args.lesion_repeats),
+                ("lesion-wise whole volume (baseline)", scorer(brute_force), args.lesion_baseline_repeats)]
+    rows, results = [], {}
+    for name, fn, repeats in variants:
+        if repeats < 1:
+            continue
+        times, results[name] = _time(fn, repeats)
+        result = results[name]
+        rows.append({"variant": name, "case": case, "median ms": round(statistics.median(times)),
+                     "min ms": round(min(times)),
+                     "HD95 ET / TC / WT (mm)": " / ".join(f"{result[f'hd95_{r}']:.3f}" for r in REGION_NAMES),
+                     "Dice ET / TC / WT": " / ".join(f"{result[f'dice_{r}']:.4f}" for r in REGION_NAMES)})
+    if len(results) == 2:
+        ours, baseline = results.values()
+        for key, value in baseline.items():
+            same = value == ours[key] if key.startswith("lesions") else abs(value - ours[key]) <= 1e-9
+            if not same:
+                raise SystemExit(f"metrics benchmark: lesion-wise {key} differs: bounding boxes {ours[key]} "
+                                 f"vs whole volume {value}")
+        rows[0]["speed-up"] = f"{rows[1]['median ms'] / max(rows[0]['median ms'], 1):.1f} x"
+    return rows
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--baseline-repeats", type=int, default=2,
                         help="repeats of the whole-volume baseline (0: skip it and its HD95 check)")
+    parser.add_argument("--lesion-repeats", type=int, default=3, help="repeats of the lesion-wise scorer")
+    parser.add_argument("--lesion-baseline-repeats", type=int, default=1,
+                        help="repeats of the whole-volume lesion-wise baseline (0: skip it and its check)")
     parser.add_argument("--no-pin", action="store_true", help="don't pin the process to one CPU core")
     parser.add_argument("--no-record", action="store_true", help="print only; no JSON, no RESULTS.md row")
     args = parser.parse_args(argv)
@@ -135,9 +213,15 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         if abs(ours[key] - baseline[key]) > 1e-9:
             raise SystemExit(f"metrics benchmark: {key} differs: bounding box {ours[key]} vs whole volume "
                              f"{baseline[key]}")
+    if baseline:
+        rows[0]["speed-up"] = f"{rows[-1]['median ms'] / max(rows[0]['median ms'], 1):.1f} x"
+    with one_core(not args.no_pin):
+        rows += lesionwise_rows(args)
     info = describe_device("cpu")
     info["pinned_cpu"] = pinned
     checked = "HD95 identical to the baseline" if baseline else "baseline skipped"
+    checked += "; lesion-wise: " + ("same numbers as the whole-volume baseline" if len(rows) > 3 and rows[-1][
+        "variant"].endswith("(baseline)") else "baseline skipped")
     note = (f"one case {SHAPE}, whole tumour extent {wt_extent} voxels (1 mm), prediction = perturbed ground "
             f"truth; {'pinned to CPU ' + str(pinned) if pinned is not None else 'not pinned'}; "
             f"{args.repeats} repeats (baseline {args.baseline_repeats}); {checked}")

@@ -17,7 +17,8 @@ What runs (each benchmark also records its own table; see the modules' docstring
   batch 1 and 8 with one model, and 16 views x 5 models eager and compiled; CPU: w=8, 80x96x80, 16 views x
   1 model in both memory formats, x 2 models in channels_last_3d).
 - ``cache``: one training sample from raw .nii.gz vs the memory-mapped cache (1 mm case, 128^3 crop).
-- ``metrics``: Dice + HD95 + sensitivity + specificity of one 240x240x155 case.
+- ``metrics``: Dice + HD95 + sensitivity + specificity of one 240x240x155 case, and its lesion-wise scores
+  (BraTS 2023, 10 lesions) against the whole-volume baseline.
 
 The comparison table marks each target PASS or FAIL (``--strict``: exit 1 on a FAIL); with ``--tiny`` the
 sizes are not the anchors' and nothing is compared. ``--only a,b`` runs a subset; ``--no-record`` writes no
@@ -165,7 +166,9 @@ def run_cache(tiny: bool, record: bool, command: str) -> list[dict[str, Any]]:
 
 
 def run_metrics(tiny: bool, record: bool, command: str) -> list[dict[str, Any]]:
-    args = metrics.parse_args(["--repeats", "1" if tiny else "3", "--baseline-repeats", "0"])
+    args = metrics.parse_args(["--repeats", "1" if tiny else "3", "--baseline-repeats", "0",
+                               "--lesion-repeats", "1" if tiny else "3",
+                               "--lesion-baseline-repeats", "0" if tiny else "1"])
     args.no_record, args.command = not record, command
     return metrics.run(args)
 
@@ -266,8 +269,16 @@ def data_checks(train: dict, data: list, compared: bool, gpu: bool) -> list[Chec
 def metric_checks(metric: list) -> list[Check]:
     if not metric:
         return []
-    return [Check("metrics per case (Dice, HD95, sens, spec; 3 regions; 1 core)",
-                  _fmt(_ms(metric[0], "median ms"), "ms", 0))]
+    checks = [Check("metrics per case (Dice, HD95, sens, spec; 3 regions; 1 core)",
+                    _fmt(_ms(metric[0], "median ms"), "ms", 0))]
+    lesion = next((r for r in metric if r["variant"] == "lesion-wise (bounding boxes)"), None)
+    if lesion:
+        speed_up = float(lesion["speed-up"].split()[0]) if lesion.get("speed-up") else None
+        measured = f"{_fmt(_ms(lesion, 'median ms'), 'ms', 0)} ({_fmt(speed_up, 'x')} the whole volume)"
+        checks.append(Check("lesion-wise per case (brats2023-gli, 10 lesions, 3 regions, 1 core)", measured,
+                            target=">= 10 x the whole-volume baseline",
+                            status="info" if speed_up is None else _status(speed_up, 10.0, True, True)))
+    return checks
 
 
 def cpu_checks(train: dict, infer: dict, data: list, cached: list, metric: list, compared: bool

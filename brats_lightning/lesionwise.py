@@ -192,6 +192,78 @@ def _in_box(array: np.ndarray, origin: Sequence[int], box: Box, keep: np.ndarray
     return out
 
 
+@dataclass(frozen=True)
+class _Lesion:
+    """One GT lesion: its 26-connected GT components, voxel count, box, and each component's dilation."""
+
+    components: np.ndarray
+    count: int
+    box: Box
+    dilations: list[tuple[Box, np.ndarray]]
+
+
+def _expand(box: Box, margin: int, shape: Sequence[int]) -> Box:
+    return tuple((max(lo - margin, 0), min(hi + margin, n)) for (lo, hi), n in zip(box, shape, strict=True))
+
+
+def _touch(a: tuple[Box, np.ndarray], b: tuple[Box, np.ndarray], shape: Sequence[int]) -> bool:
+    """Whether two dilated components overlap or are 26-neighbours (then the dilated mask joins them)."""
+    (box_a, mask_a), (box_b, mask_b) = a, b
+    grown = _expand(box_a, 1, shape)
+    if any(hi_b <= lo or hi <= lo_b for (lo, hi), (lo_b, hi_b) in zip(grown, box_b, strict=True)):
+        return False
+    near_a = np.zeros(tuple(hi - lo for lo, hi in grown), bool)
+    _, where = _window(mask_a, [lo for lo, _ in box_a], grown)
+    near_a[where] = mask_a
+    near_a = ndimage.binary_dilation(near_a, np.ones((3, 3, 3), bool))
+    window, where = _window(mask_b, [lo for lo, _ in box_b], grown)
+    return bool(np.any(near_a[where] & window))
+
+
+def _gt_lesions(gt: np.ndarray, dilation: int) -> tuple[np.ndarray, tuple[int, ...], list[_Lesion]]:
+    """GT lesions as the scorer forms them (module docstring, step 1), computed component by component.
+
+    The whole-mask dilation is the union of the components' dilations, so its 26-connected components are
+    the groups of components whose dilations overlap or touch; each dilation runs on the component's box
+    plus ``dilation`` voxels (clipped at the volume border, as scipy clips the whole-volume one).
+
+    Returns:
+        (26-connected GT component labels on the GT box, the box's origin, the lesions).
+    """
+    gt_box = bounding_box(gt)
+    if gt_box is None:
+        return np.zeros((0, 0, 0), np.uint8), (0, 0, 0), []
+    origin = tuple(s.start for s in gt_box)
+    labels = cc3d.connected_components(gt[gt_box], connectivity=26)
+    stats = cc3d.statistics(labels)
+    boxes = [_box(b, origin) if b is not None else () for b in stats["bounding_boxes"]]
+    dilated = []
+    for c in range(1, len(boxes)):
+        box = _expand(boxes[c], dilation, gt.shape)
+        component = _in_box(labels, origin, box, np.array([c]))
+        dilated.append((box, ndimage.binary_dilation(component, _EIGHTEEN_CONNECTED, iterations=dilation)))
+    parent = list(range(len(dilated)))
+
+    def root(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for i in range(len(dilated)):
+        for j in range(i + 1, len(dilated)):
+            if root(i) != root(j) and _touch(dilated[i], dilated[j], gt.shape):
+                parent[root(j)] = root(i)
+    groups: dict[int, list[int]] = {}
+    for i in range(len(dilated)):
+        groups.setdefault(root(i), []).append(i)
+    lesions = [_Lesion(np.array([i + 1 for i in members]),
+                       sum(int(stats["voxel_counts"][i + 1]) for i in members),
+                       _union([boxes[i + 1] for i in members]), [dilated[i] for i in members])
+               for members in groups.values()]
+    return labels, origin, lesions
+
+
 def lesion_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
                   rules: LesionRules) -> LesionScore:
     """Lesion-wise Dice, HD95 and lesion counts of one region (the module docstring's rules).
@@ -224,40 +296,30 @@ def lesion_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
 
     kept_dice, kept_hd95, matched_pred = [], [], set()
     tp = fn = 0
-    gt_box = bounding_box(gt)
-    if gt_box is not None:
-        margin = tuple(slice(max(s.start - rules.dilation, 0), min(s.stop + rules.dilation, size))
-                       for s, size in zip(gt_box, gt.shape, strict=True))
-        gt_origin = tuple(s.start for s in margin)
-        gt_crop = gt[margin]
-        dilated = cc3d.connected_components(
-            ndimage.binary_dilation(gt_crop, _EIGHTEEN_CONNECTED, iterations=rules.dilation), connectivity=26)
-        lesions = dilated * gt_crop
-        dilated_boxes = cc3d.statistics(dilated)["bounding_boxes"]
-        lesion_stats = cc3d.statistics(lesions)
-        for k in range(1, int(dilated.max()) + 1):
-            dilation_box = dilated_boxes[k]
-            window, where = _window(pred_labels, pred_origin, _box(dilation_box, gt_origin))
-            matches = np.unique(window[(dilated[dilation_box] == k)[where]])
-            matches = matches[matches != 0]
-            matched_pred.update(int(m) for m in matches)
-            count = int(lesion_stats["voxel_counts"][k])
-            volume = count * sx * sy * sz  # the scorer's np.sum(gt_tmp) * sx * sy * sz
-            if volume <= rules.min_volume:
-                continue
-            if matches.size == 0:
-                fn += 1
-                kept_dice.append(0.0)
-                kept_hd95.append(MISSED_HD95)
-                continue
-            tp += 1
-            lesion_box = _box(lesion_stats["bounding_boxes"][k], gt_origin)
-            box = _union([lesion_box, *(pred_boxes[m] for m in matches)])
-            gt_mask = _in_box(lesions, gt_origin, box, np.array([k]))
-            pred_mask = _in_box(pred_labels, pred_origin, box, matches)
-            pred_volume = sum(pred_counts[m] for m in matches)
-            kept_dice.append(2.0 * int(np.count_nonzero(gt_mask & pred_mask)) / (pred_volume + count))
-            kept_hd95.append(_hd95_in_crop(gt_mask, pred_mask, spacing))
+    gt_labels, gt_origin, lesions = _gt_lesions(gt, rules.dilation)
+    for lesion in lesions:
+        touching = []
+        for box, dilation in lesion.dilations:
+            window, where = _window(pred_labels, pred_origin, box)
+            touching.append(window[dilation[where]])
+        matches = np.unique(np.concatenate(touching))
+        matches = matches[matches != 0]
+        matched_pred.update(int(m) for m in matches)
+        volume = lesion.count * sx * sy * sz  # the scorer's np.sum(gt_tmp) * sx * sy * sz
+        if volume <= rules.min_volume:
+            continue
+        if matches.size == 0:
+            fn += 1
+            kept_dice.append(0.0)
+            kept_hd95.append(MISSED_HD95)
+            continue
+        tp += 1
+        box = _union([lesion.box, *(pred_boxes[m] for m in matches)])
+        gt_mask = _in_box(gt_labels, gt_origin, box, lesion.components)
+        pred_mask = _in_box(pred_labels, pred_origin, box, matches)
+        pred_volume = sum(pred_counts[m] for m in matches)
+        kept_dice.append(2.0 * int(np.count_nonzero(gt_mask & pred_mask)) / (pred_volume + lesion.count))
+        kept_hd95.append(_hd95_in_crop(gt_mask, pred_mask, spacing))
     fp = n_pred - len(matched_pred)
     total = len(kept_dice) + fp
     if total == 0:  # the scorer's 0/0 = NaN, replaced by Dice 1 and HD95 0
