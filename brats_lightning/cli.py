@@ -1,8 +1,8 @@
 """The `brats-lightning` command: one entry point, one subcommand per task.
 
-Each subcommand lives in the module that owns its work; that module defines
-``add_arguments(parser)`` and ``run(args) -> int`` (the exit code). Only the chosen
-subcommand's module is imported, so `brats-lightning merge --help` stays fast.
+Each subcommand lives in the module that owns its work; that module (or the object named after
+``module:`` in COMMANDS) defines ``add_arguments(parser)`` and ``run(args) -> int`` (the exit code).
+Only the chosen subcommand's module is imported, so `brats-lightning merge --help` stays fast.
 """
 
 from __future__ import annotations
@@ -27,6 +27,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
                   "cross-validation table (paper Table 2) from a sweep's run.json files"),
     "flag-cases": ("brats_lightning.callbacks.case_losses",
                    "turn recorded per-case losses into an exclusion list"),
+    "export": ("brats_lightning.package:EXPORT_COMMAND",
+               "package trained ensembles as one portable, pickle-free model.zip"),
+    "model-info": ("brats_lightning.package:INFO_COMMAND", "verify a model package and print its card"),
 }
 
 
@@ -50,7 +53,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"brats-lightning: unknown command {name!r}\n\n{_top_level_help()}", file=sys.stderr)
         return 2
     module_name, summary = COMMANDS[name]
+    module_name, _, attribute = module_name.partition(":")  # "module:OBJECT" when a module has two commands
     module = importlib.import_module(module_name)
+    module = getattr(module, attribute) if attribute else module
     parser = argparse.ArgumentParser(prog=f"brats-lightning {name}", description=summary)
     module.add_arguments(parser)
     args = parser.parse_args(rest)

@@ -15,6 +15,7 @@ import csv
 import json
 import logging
 import os
+import pickle
 import re
 import secrets
 import string
@@ -368,8 +369,15 @@ def load_network(run: Run, checkpoint: str = "auto", device: str | torch.device 
 
     net = hydra.utils.instantiate(run.info["model_config"])
     path = run.checkpoint_path(checkpoint)
-    # Our own training checkpoints hold Lightning's hyper-parameters (OmegaConf objects) next to the tensors.
-    state = torch.load(path, map_location="cpu", weights_only=False)
+    try:  # our checkpoints hold tensors and plain types only: nothing is unpickled beyond them
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:  # e.g. older checkpoints with OmegaConf hyper-parameters
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        log.warning("run %s: %s holds Python objects besides tensors (%s); loading it with "
+                    "weights_only=False, which runs code from the file: use only checkpoints you trust "
+                    "(`brats-lightning export` writes a pickle-free package)", run.name, path,
+                    found.group(1) if found else "not only tensors")
+        state = torch.load(path, map_location="cpu", weights_only=False)
     state_dict = state.get("state_dict", state) if isinstance(state, dict) else None
     if not isinstance(state_dict, dict):
         raise ValueError(f"run {run.name}: {path} holds no state_dict; expected a Lightning checkpoint")

@@ -3,8 +3,9 @@
 Driven by ``python ensemble.py`` (Hydra, ``conf/ensemble.yaml``; ``make ensemble``):
 
 1. for each pipeline in ``pipelines`` (A: best two runs per fold, B: all runs), find its runs under ``runs``
-   and predict every case of ``dataset`` with TTA (:class:`~brats_lightning.inference.predictor.Predictor`),
-   out of fold when ``oof=true``; label maps and probabilities go to ``<pred_dir>/<pipeline>/``;
+   (or take its networks from the model package ``package``, brats_lightning/package.py) and predict every
+   case of ``dataset`` with TTA (:class:`~brats_lightning.inference.predictor.Predictor`), out of fold when
+   ``oof=true``; label maps and probabilities go to ``<pred_dir>/<pipeline>/``;
 2. merge A and B label maps with the docs/method.md table into ``<pred_dir>/merged/``;
 3. when the data set has labels, score A, B and merged with
    :func:`brats_lightning.evaluate.evaluate_folder` into ``<eval_dir>/<name>/`` (with ``oof=true`` the
@@ -72,6 +73,64 @@ def results_table(results: dict[str, dict[str, float]]):
     return table
 
 
+def predict_pipelines(ensembles: dict[str, Any], cases: list, pred_dir: Path, merged_dir: Path | None,
+                      oof: bool = False) -> dict[str, Path]:
+    """Predict ``cases`` with each pipeline's Predictor into ``<pred_dir>/<name>``, then merge A and B into
+    ``merged_dir`` (when given and both exist); returns ``{name: folder}`` (with "merged")."""
+    from brats_lightning.inference.merge import merge_folders
+
+    folders: dict[str, Path] = {}
+    for name, predictor in ensembles.items():
+        folders[name] = pred_dir / name
+        predictor.predict(cases, folders[name], oof=oof)
+    if merged_dir is not None and {"A", "B"} <= set(folders):
+        merge_folders(folders["A"], folders["B"], merged_dir)
+        folders["merged"] = merged_dir
+    return folders
+
+
+def _run_ensembles(runs_dir: Path, pipelines: dict, options: Any) -> dict[str, Any]:
+    """Each pipeline's Predictor over its runs under ``runs_dir``, chosen before anything is predicted."""
+    from brats_lightning.inference.predictor import Predictor
+    from brats_lightning.runs import find_runs, select_runs
+
+    ensembles = {}
+    for name, spec in pipelines.items():
+        spec = spec or {}
+        found = find_runs(runs_dir, pipeline=name, model=spec.get("model"))
+        if not found:
+            others = sorted({r.pipeline for r in find_runs(runs_dir)})
+            raise FileNotFoundError(
+                f"ensemble: no pipeline {name} runs (run.json) under {runs_dir} (pipelines found: "
+                f"{others or 'none'}); train them, or leave the pipeline out with `~pipelines.{name}`"
+            )
+        chosen = select_runs(found, spec.get("select", "all"))
+        log.info("pipeline %s (%s): %s", name, spec.get("select", "all"), ", ".join(r.name for r in chosen))
+        ensembles[name] = Predictor(chosen, options)
+    return ensembles
+
+
+def _package_ensembles(cfg: DictConfig, options: Any, pipelines: dict, cases: list) -> dict[str, Any]:
+    """The pipelines of the model package ``cfg.package`` that ``pipelines`` keeps, as Predictors (with the
+    package's TTA views and ET threshold; ``runs`` and each pipeline's ``select`` are not read)."""
+    from brats_lightning.errors import UserError
+    from brats_lightning.inference.predictor import Predictor
+    from brats_lightning.package import ModelPackage, package_options
+
+    if cfg.oof:
+        raise UserError(f"ensemble: oof=true with package={cfg.package}: a package does not list the cases "
+                        "its networks held out; predict out of fold from the training runs (runs=...)")
+    package = ModelPackage.open(cfg.package)
+    package.check_cases(cases)
+    names = [name for name in package.pipelines if name in pipelines]
+    if not names:
+        raise UserError(f"ensemble: package {cfg.package} holds pipelines {package.pipelines}, none of those "
+                        f"asked for ({sorted(pipelines)}): keep one of them in `pipelines`")
+    options = package_options(options, package)
+    log.info("ensemble: package %s (%s), pipelines %s", cfg.package, package.package_id, names)
+    return {name: Predictor.from_package(package, name, options) for name in names}
+
+
 def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     """Run the steps of the module docstring with a composed ``conf/ensemble.yaml``.
 
@@ -81,9 +140,7 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     from rich.console import Console
 
     from brats_lightning.data.layout import find_cases
-    from brats_lightning.inference.merge import merge_folders
-    from brats_lightning.inference.predictor import PredictOptions, Predictor
-    from brats_lightning.runs import find_runs, select_runs
+    from brats_lightning.inference.predictor import PredictOptions
 
     runs_dir, data = Path(cfg.runs), Path(cfg.dataset)
     pred_dir, eval_dir = Path(cfg.pred_dir), Path(cfg.eval_dir)
@@ -96,32 +153,17 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
     log.info("ensemble: %d case(s) from %s, runs from %s, oof=%s, evaluate=%s", len(cases), data, runs_dir,
              cfg.oof, evaluate)
 
-    ensembles = {}
-    for name, spec in pipelines.items():  # choose every pipeline's runs before predicting anything
-        spec = spec or {}
-        found = find_runs(runs_dir, pipeline=name, model=spec.get("model"))
-        if not found:
-            others = sorted({r.pipeline for r in find_runs(runs_dir)})
-            raise FileNotFoundError(
-                f"ensemble: no pipeline {name} runs (run.json) under {runs_dir} (pipelines found: "
-                f"{others or 'none'}); train them, or leave the pipeline out with `~pipelines.{name}`"
-            )
-        chosen = select_runs(found, spec.get("select", "all"))
-        log.info("pipeline %s (%s): %s", name, spec.get("select", "all"), ", ".join(r.name for r in chosen))
-        ensembles[name] = Predictor(chosen, options)
+    if cfg.get("package"):
+        ensembles = _package_ensembles(cfg, options, pipelines, cases)
+    else:
+        ensembles = _run_ensembles(runs_dir, pipelines, options)
     if cfg.oof and cfg.get("oof_cases", "all") == "held_out":  # e.g. a sweep with only some folds trained
         held_out = set.intersection(*({c for r in p.runs for c in r.val_cases} for p in ensembles.values()))
         cases = [c for c in cases if c.case_id in held_out]
         log.info("oof_cases=held_out: %d case(s) held out by every pipeline's runs", len(cases))
     case_ids = {c.case_id for c in cases}
-    folders: dict[str, Path] = {}
-    for name, predictor in ensembles.items():
-        folders[name] = pred_dir / name
-        predictor.predict(cases, folders[name], oof=bool(cfg.oof))
-
-    if cfg.merge and {"A", "B"} <= set(folders):
-        folders["merged"] = pred_dir / "merged"
-        merge_folders(folders["A"], folders["B"], folders["merged"])
+    folders = predict_pipelines(ensembles, cases, pred_dir, pred_dir / "merged" if cfg.merge else None,
+                                oof=bool(cfg.oof))
 
     report: dict[str, Any] = {"predictions": {k: str(v) for k, v in folders.items()}, "results": {},
                               "et_threshold": {}}

@@ -9,9 +9,12 @@ not TC -> 2), paste it back into the original grid and save it with the input's 
 
 Command line::
 
-    brats-lightning predict --runs OUTPUTS --data DIR --out DIR [--pipeline A|B] [--model NAME]
+    brats-lightning predict --runs OUTPUTS --data DIR --out DIR [--pipeline A|B] [--model-name NAME]
         [--select all|best2] [--tta all|flips|none] [--view-batch N] [--oof] [--device cpu|cuda|auto]
         [--et-threshold T] [--uncertainty]
+    brats-lightning predict --model model.zip --data DIR --out DIR [--device ...] [--keep-pipelines]
+
+``--model`` predicts from a model package (``brats-lightning export``; :mod:`brats_lightning.package`).
 
 ``--oof`` predicts each case only with the runs that held it out for validation (their run.json
 ``val_cases``), giving cross-validation predictions for the whole training set.
@@ -25,7 +28,9 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
+from functools import partial
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -36,6 +41,9 @@ from brats_lightning.inference.uncertainty import UNCERTAINTY_KINDS, RunningStat
 from brats_lightning.precision import resolve_amp_dtype, resolve_device
 from brats_lightning.runs import Run, check_compatible, find_runs, load_network, select_runs
 from brats_lightning.speed import InferenceNet, resolve_speed
+
+if TYPE_CHECKING:
+    from brats_lightning.package import ModelPackage
 
 log = logging.getLogger(__name__)
 
@@ -203,6 +211,18 @@ class Predictor:
         if self.options.uncertainty_kind not in UNCERTAINTY_KINDS:
             raise ValueError(
                 f"uncertainty_kind={self.options.uncertainty_kind!r}; expected one of {UNCERTAINTY_KINDS}")
+        # where the networks come from: the runs' checkpoints, or a model package (from_package)
+        self.load_net: Callable[..., torch.nn.Module] = partial(load_network,
+                                                                checkpoint=self.options.checkpoint)
+
+    @classmethod
+    def from_package(cls, package: ModelPackage, pipeline: str, options: PredictOptions | None = None
+                     ) -> Predictor:
+        """Predict with one pipeline's networks of a model package (brats_lightning/package.py) instead of
+        run folders: same ensemble order, same label maps."""
+        predictor = cls(package.runs(pipeline), options)
+        predictor.load_net = package.load_network
+        return predictor
 
     def predict_case(self, case, nets: Sequence[torch.nn.Module], out_dir: Path) -> dict:
         """Predict one case with ``nets`` and write its files; returns a small record (paths, timing)."""
@@ -310,7 +330,7 @@ class Predictor:
         with Progress(*columns, transient=False) as progress:
             task = progress.add_task("", total=len(cases))
             for group, group_cases in groups.items():
-                nets = [InferenceNet(load_network(self.runs[i], self.options.checkpoint, self.device),
+                nets = [InferenceNet(self.load_net(self.runs[i], device=self.device),
                                      self.speed) for i in group]
                 for case in group_cases:
                     progress.update(task, description=case.case_id)
@@ -391,21 +411,28 @@ def predict_folder(
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``brats-lightning predict`` (defaults from :class:`PredictOptions` = conf/predict.yaml)."""
     d = PredictOptions()
-    parser.add_argument("--runs", required=True, type=Path, help="training outputs (holds run.json files)")
+    parser.add_argument("--runs", type=Path, help="training outputs (holds run.json files)")
+    parser.add_argument("--model", type=Path,
+                        help="a model package (brats-lightning export) instead of --runs: A, B, merge")
+    parser.add_argument("--keep-pipelines", action="store_true",
+                        help="with --model: also keep A's and B's own predictions in OUT/pipelines/{A,B}")
     parser.add_argument("--data", required=True, type=Path, help="data set folder or a single case folder")
     parser.add_argument("--out", required=True, type=Path, help="output folder (<CASE>.nii.gz, _probs.npz)")
     parser.add_argument("--pipeline", choices=["A", "B"], help="only this pipeline's runs")
-    parser.add_argument("--model", help="only this model's runs (run.json 'model')")
-    parser.add_argument("--select", default="all", help="all, or best<k> per fold (paper: A best2, B all)")
-    parser.add_argument("--tta", default=d.tta, choices=["all", "flips", "none"], help="test-time views")
+    parser.add_argument("--model-name", help="only this model's runs (run.json 'model')")
+    parser.add_argument("--select", help="all (default), or best<k> per fold (paper: A best2, B all)")
+    parser.add_argument("--tta", choices=["all", "flips", "none"],
+                        help=f"test-time views (default {d.tta}; with --model the package's)")
     parser.add_argument("--view-batch", type=int, default=d.view_batch_size, help="views per network call")
     parser.add_argument("--oof", action="store_true",
                         help="out-of-fold: each case only with the runs that held it out for validation")
     parser.add_argument("--device", default=d.device, help="auto, cpu or cuda[:k]")
     parser.add_argument("--precision", default=d.precision, choices=["auto", "fp32", "bf16", "fp16"])
-    parser.add_argument("--checkpoint", default=d.checkpoint, choices=["auto", "best", "last", "swa"])
+    parser.add_argument("--checkpoint", choices=["auto", "best", "last", "swa"],
+                        help=f"which checkpoint of each run (default {d.checkpoint})")
     parser.add_argument("--et-threshold", type=int, default=d.et_threshold,
-                        help="ET smaller than T voxels becomes NCR/NET (off by default)")
+                        help="ET smaller than T voxels becomes NCR/NET (off by default; with --model the "
+                             "package's, 0 = off)")
     parser.add_argument("--uncertainty", action="store_true", help="write BraTS 2020 uncertainty maps")
     parser.add_argument("--uncertainty-kind", default=d.uncertainty_kind, choices=list(UNCERTAINTY_KINDS))
     parser.add_argument("--no-probs", action="store_true", help="don't write <CASE>_probs.npz")
@@ -416,13 +443,21 @@ def run(args: argparse.Namespace) -> int:
     from rich.logging import RichHandler
 
     logging.basicConfig(level=logging.INFO, format="%(message)s", handlers=[RichHandler(show_path=False)])
+    if args.model is not None:
+        from brats_lightning.package import predict_command
+
+        return predict_command(args)
+    if args.runs is None:
+        raise UserError("predict: give --runs OUTPUTS (a training tree) or --model model.zip (a package)")
+    d = PredictOptions()
     options = PredictOptions(
-        tta=args.tta, view_batch_size=args.view_batch, device=args.device, precision=args.precision,
-        checkpoint=args.checkpoint, et_threshold=args.et_threshold, uncertainty=args.uncertainty,
-        uncertainty_kind=args.uncertainty_kind, save_probabilities=not args.no_probs,
+        tta=args.tta or d.tta, view_batch_size=args.view_batch, device=args.device, precision=args.precision,
+        checkpoint=args.checkpoint or d.checkpoint, et_threshold=args.et_threshold,
+        uncertainty=args.uncertainty, uncertainty_kind=args.uncertainty_kind,
+        save_probabilities=not args.no_probs,
     )
-    records = predict_folder(args.runs, args.data, args.out, args.pipeline, args.model, args.select, args.oof,
-                             options)
+    records = predict_folder(args.runs, args.data, args.out, args.pipeline, args.model_name,
+                             args.select or "all", args.oof, options)
     seconds = [r["seconds"] for r in records]
     log.info("wrote %d case(s) to %s (%.1f s per case)", len(records), args.out, float(np.mean(seconds)))
     return 0
