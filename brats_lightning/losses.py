@@ -1,4 +1,4 @@
-"""Soft Dice losses (squared / plain denominator) and the deep-supervision sum.
+"""Soft Dice losses (squared / plain denominator) and the deep-supervision sum (or mean).
 
 Paper section 2.5, equation (2) / docs/method.md "Loss". Per region channel (ET, TC, WT), sums run over the
 batch
@@ -78,23 +78,37 @@ class DiceLoss(nn.Module):
         return self.channel_losses(logits, target).mean()
 
 
+DEEP_REDUCTIONS = ("sum", "mean")
+
+
 class DeepSupervisionLoss(nn.Module):
-    """Unweighted sum of ``base`` over the main logits and each deep-supervision logit map.
+    """Unweighted sum (or mean) of ``base`` over the main logits and each deep-supervision logit map.
 
     Args:
         base: the per-output loss, e.g. ``DiceLoss(squared=True)``.
+        reduction: ``"sum"`` (paper section 2.2: "the unweighted sum") or ``"mean"`` (the authors' code,
+            ``torch.mean`` of the 5 losses: 1/5 of the sum with 4 deep heads; docs/fidelity.md). A plain
+            logits tensor gives ``base`` alone either way.
     """
 
-    def __init__(self, base: nn.Module) -> None:
+    def __init__(self, base: nn.Module, reduction: str = "sum") -> None:
         super().__init__()
+        if reduction not in DEEP_REDUCTIONS:
+            raise ValueError(f"DeepSupervisionLoss: got reduction={reduction!r}; expected one of "
+                             f"{DEEP_REDUCTIONS} (pipeline.loss.deep_reduction)")
         self.base = base
+        self.reduction = reduction
+
+    def extra_repr(self) -> str:
+        return f"reduction={self.reduction!r}"
 
     def forward(
         self,
         output: torch.Tensor | tuple[torch.Tensor, Sequence[torch.Tensor]],
         target: torch.Tensor,
     ) -> torch.Tensor:
-        """``base(logits, target) + sum(base(deep, target) for deep in deeps)``.
+        """``base(logits, target) + sum(base(deep, target) for deep in deeps)``, divided by
+        ``1 + len(deeps)`` with ``reduction="mean"``.
 
         Args:
             output: logits, or the network's training output ``(logits, [deep logits])``.
@@ -112,4 +126,4 @@ class DeepSupervisionLoss(nn.Module):
         loss = self.base(logits, target)
         for deep in deeps:
             loss = loss + self.base(deep, target)
-        return loss
+        return loss / (1 + len(deeps)) if self.reduction == "mean" else loss

@@ -83,7 +83,13 @@ class BratsModule(pl.LightningModule):
         self.save_hyperparameters(
             {"model_config": model_config, "pipeline": pipeline, "validation": validation, "speed": speed})
         self.net = hydra.utils.instantiate(model_config)
-        self.loss = DeepSupervisionLoss(DiceLoss(squared=bool(pipeline["loss"]["squared"])))
+        loss = pipeline["loss"]  # deep_reduction / val_deep_supervision: docs/fidelity.md (authors' code)
+        self.loss = DeepSupervisionLoss(DiceLoss(squared=bool(loss["squared"])),
+                                        reduction=loss.get("deep_reduction", "sum"))
+        self.val_deep_supervision = bool(loss.get("val_deep_supervision", False))
+        if self.val_deep_supervision and not getattr(self.net, "deep_supervision", False):
+            raise ValueError("pipeline.loss.val_deep_supervision=true needs a network with deep-supervision "
+                             "heads: set model.deep_supervision=true or val_deep_supervision=false")
         augment = pipeline.get("augment")
         if augment and "_target_" in augment:
             self.augment = hydra.utils.instantiate(augment)
@@ -124,12 +130,14 @@ class BratsModule(pl.LightningModule):
         log.info("speed: %s", plan.describe())
         return plan
 
-    def run_net(self, image: torch.Tensor, compiled: bool = False) -> Any:
+    def run_net(self, image: torch.Tensor, compiled: bool = False, deep_outputs: bool | None = None) -> Any:
         """The network on ``image`` in the speed plan's memory format; ``compiled`` uses the compiled view
-        when there is one (training steps: fixed crop shapes), else the eager network."""
+        when there is one (training steps: fixed crop shapes), else the eager network; ``deep_outputs``
+        (when given) is passed to the network (True: the deep logits in eval mode too)."""
         image = convert_input(image, self.speed_plan)
         fn = self._compiled.get(self.net) if compiled and self._compiled is not None else None
-        return (self.net if fn is None else fn)(image)
+        net = self.net if fn is None else fn
+        return net(image) if deep_outputs is None else net(image, deep_outputs=deep_outputs)
 
     def forward(self, image: torch.Tensor) -> Any:
         """The network's output: logits, or ``(logits, [deep logits])`` in training mode."""
@@ -171,15 +179,18 @@ class BratsModule(pl.LightningModule):
             bool (B, 3, X, Y, Z) unpadded.
         """
         image, target, boxes = batch["image"], batch["target"], batch["box"]
-        logits = self.run_net(image)
+        logits = self.run_net(image, deep_outputs=True if self.val_deep_supervision else None)
+        deeps = logits[1] if self.val_deep_supervision else []  # the loss with the deep heads (authors')
         if isinstance(logits, (tuple, list)):  # a network left in training mode by a callback
             logits = logits[0]
         losses, preds, extra = [], [], []
         for i, box_info in enumerate(boxes):
             box = box_info if isinstance(box_info, Box) else Box.from_dict(box_info)
-            case_logits = logits[i : i + 1][(slice(None), slice(None), *box.slices)]
+            crop = (slice(None), slice(None), *box.slices)
+            case_logits = logits[i : i + 1][crop]
             case_target = target[i : i + 1]
-            losses.append(self.loss(case_logits, case_target))
+            case_deeps = [deep[i : i + 1][crop] for deep in deeps]
+            losses.append(self.loss((case_logits, case_deeps) if case_deeps else case_logits, case_target))
             preds.append(torch.sigmoid(case_logits.float()) > 0.5)
             if self.hd95:
                 spacing = tuple(batch["spacing"][i]) if "spacing" in batch else (1.0, 1.0, 1.0)

@@ -131,3 +131,31 @@ def test_runs_on_a_device_without_autocast() -> None:
     logits = torch.empty(1, 3, 8, 8, 8, device="meta")
     value = DiceLoss(squared=False)(logits, torch.empty(1, 3, 8, 8, 8, device="meta", dtype=torch.bool))
     assert value.device.type == "meta" and value.dtype == torch.float32 and value.shape == ()
+
+
+def authors_edice(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """The authors' EDiceLoss (src/loss/dice.py) re-typed: per channel 1 - (2 I + 1) / (sum S^2 + sum R^2 + 1)
+    over the whole batch, then the mean over the channels."""
+    total = 0.0
+    for c in range(target.shape[1]):
+        s, r = torch.sigmoid(logits[:, c].double()), target[:, c].double()
+        total = total + 1 - (2 * (s * r).sum() + 1) / (s.pow(2).sum() + r.pow(2).sum() + 1)
+    return total / target.shape[1]
+
+
+def test_deep_supervision_mean_is_the_authors_torch_mean() -> None:
+    """reduction="mean" (experiment=paper_A_code): torch.mean of the 5 losses as the authors' training step
+    computed it, i.e. the paper's sum / 5."""
+    gen = torch.Generator().manual_seed(0)
+    target = torch.rand(2, 3, 4, 4, 4, generator=gen) > 0.6
+    logits = torch.randn(2, 3, 4, 4, 4, generator=gen)
+    deeps = [torch.randn(2, 3, 4, 4, 4, generator=gen) for _ in range(4)]
+    expected = torch.mean(torch.stack([authors_edice(o, target) for o in (logits, *deeps)]))
+    mean = DeepSupervisionLoss(DiceLoss(squared=True), reduction="mean")((logits, deeps), target)
+    total = DeepSupervisionLoss(DiceLoss(squared=True))((logits, deeps), target)
+    assert mean.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert total.item() == pytest.approx(5 * mean.item(), rel=1e-6)  # the paper's sum is 5x the code's mean
+    plain = DeepSupervisionLoss(DiceLoss(squared=True), reduction="mean")(logits, target)
+    assert plain.item() == pytest.approx(authors_edice(logits, target).item(), rel=1e-6)  # no deep heads
+    with pytest.raises(ValueError, match="deep_reduction"):
+        DeepSupervisionLoss(DiceLoss(squared=True), reduction="max")

@@ -16,10 +16,14 @@ and
 no snapshots (it averages every epoch after a start epoch with one SWALR schedule), and ``WeightAveraging``
 writes the averaged weights (initially the untrained ones) into every checkpoint's ``state_dict``.
 
-Epochs (0-based, ``M = main_epochs``, ``C = cycle_epochs``): epoch ``e >= M`` belongs to cycle
-``k = (e - M) // C`` and trains with lr ``min_lr + (lr - min_lr) * (1 + cos(pi * t / C)) / 2``,
-``t = e - M - k C``. After epoch ``e`` (``d = e + 1`` epochs done): ``d = M`` seeds the average;
-``d > M`` with ``(d - M) % snapshot_every == 0`` adds a snapshot.
+Epochs (0-based, ``M = main_epochs``, ``C = cycle_epochs``, ``T = cosine_epochs``, C unless set): epoch
+``e >= M`` belongs to cycle ``k = (e - M) // C`` and trains with lr
+``min_lr + (lr - min_lr) * (1 + cos(pi * t / T)) / 2``, ``t = e - M - k C``. The paper's cosine decays to
+``min_lr`` over the cycle (T = C: its last epoch at 0.3% of ``lr``); the authors' code used
+``CosineAnnealingLR(T_max=C + 10)`` stepped C times, so each cycle ended at 17.5% of ``lr``
+(``callbacks.fast_swa.cosine_epochs: 40`` in
+``experiment=paper_A_code``, docs/fidelity.md). After epoch ``e`` (``d = e + 1`` epochs done): ``d = M``
+seeds the average; ``d > M`` with ``(d - M) % snapshot_every == 0`` adds a snapshot.
 
 Interruption (docs/method.md "Known traps": the reference code's resume crashed): the running average, the
 snapshot count and the current cycle live in the callback's ``state_dict``, saved in every checkpoint. The
@@ -82,6 +86,8 @@ class FastSWA(pl.Callback):
         lr: Adam's lr at the start of each cycle (5e-5).
         weight_decay: Adam's weight decay (0 in the paper).
         min_lr: lr the cosine decays to at the end of a cycle (0).
+        cosine_epochs: period T of each cycle's cosine, in epochs (None: ``cycle_epochs``, the paper; the
+            authors' code: 40 with 30-epoch cycles). Epochs past T keep ``min_lr``.
         dirpath: folder of the averaged weights' checkpoint (None: ``<default_root_dir>/checkpoints``).
         filename: its file name (``swa.ckpt``).
         validate: validate the averaged weights at the end (``val_swa/<metric>``, ``val_metrics_swa``).
@@ -99,6 +105,7 @@ class FastSWA(pl.Callback):
         lr: float = 5e-5,
         weight_decay: float = 0.0,
         min_lr: float = 0.0,
+        cosine_epochs: int | None = None,
         dirpath: str | Path | None = None,
         filename: str = "swa.ckpt",
         validate: bool = True,
@@ -114,6 +121,9 @@ class FastSWA(pl.Callback):
         if not 0 <= min_lr <= lr:
             raise ValueError(f"fast SWA: lr={lr}, min_lr={min_lr}; expected 0 <= min_lr <= lr")
         self.lr, self.weight_decay, self.min_lr = float(lr), float(weight_decay), float(min_lr)
+        self.cosine_epochs = self.cycle_epochs if cosine_epochs is None else int(cosine_epochs)
+        if self.cosine_epochs < 1:
+            raise ValueError(f"fast SWA: cosine_epochs={cosine_epochs}; expected >= 1 (null: cycle_epochs)")
         self.dirpath = None if dirpath is None else Path(dirpath)
         self.filename = filename
         self.validate = bool(validate)
@@ -138,7 +148,7 @@ class FastSWA(pl.Callback):
         return -1 if epoch < self.main_epochs else (epoch - self.main_epochs) // self.cycle_epochs
 
     def _cycle_scheduler_config(self) -> dict[str, Any]:
-        return {"name": "cosine", "epochs": self.cycle_epochs, "warmup_epochs": 0, "min_lr": self.min_lr}
+        return {"name": "cosine", "epochs": self.cosine_epochs, "warmup_epochs": 0, "min_lr": self.min_lr}
 
     def _install_cycle(self, trainer: pl.Trainer, cycle: int) -> None:
         """Swap in cycle ``cycle``'s fresh Adam (no weight decay) and its per-epoch cosine schedule."""
@@ -154,7 +164,7 @@ class FastSWA(pl.Callback):
         self.cycle = cycle
         log.info("fast SWA: cycle %d/%d (epochs %d-%d): fresh Adam lr %g, cosine over %d epochs", cycle + 1,
                  self.cycles, self.main_epochs + cycle * self.cycle_epochs,
-                 self.main_epochs + (cycle + 1) * self.cycle_epochs - 1, self.lr, self.cycle_epochs)
+                 self.main_epochs + (cycle + 1) * self.cycle_epochs - 1, self.lr, self.cosine_epochs)
 
     # ------------------------------------------------------------------------------------------ averaging
     @staticmethod
@@ -370,6 +380,7 @@ class FastSWA(pl.Callback):
             "fast_swa": {"main_epochs": self.main_epochs, "cycles": self.cycles,
                          "cycle_epochs": self.cycle_epochs, "snapshot_every": self.snapshot_every,
                          "lr": self.lr, "weight_decay": self.weight_decay, "min_lr": self.min_lr,
+                         "cosine_epochs": self.cosine_epochs,
                          "n_snapshots": self.n_snapshots, "snapshot_epochs": list(self.snapshot_epochs)},
         }
 

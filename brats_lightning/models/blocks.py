@@ -21,27 +21,51 @@ AttentionFactory = Callable[[int], nn.Module]
 """A callable ``num_channels -> nn.Module`` building an attention module (e.g. CBAM) for a stage output."""
 
 
-def group_norm(num_channels: int, groups: int = 16) -> nn.GroupNorm:
+GROUP_RULES = ("gcd", "authors")
+
+
+def authors_groups(num_channels: int, groups: int = 16) -> int:
+    """The number of groups the authors' code (``src/models/layers.py``, ``default_norm_layer``) used.
+
+    ``min(groups, num_channels)`` when that divides ``num_channels``; otherwise the largest group *size*
+    among 16, 8, 4, 2, 1 that divides ``num_channels`` sets the count: 24 channels -> groups of 8 -> 3
+    groups (and 12 channels -> 12 groups, 40 -> 5). The code starts that search at 16 whatever ``groups``.
+    """
+    count = min(groups, num_channels)
+    if num_channels % count == 0:
+        return count
+    size = 16
+    while num_channels % size:
+        size //= 2
+    return num_channels // size
+
+
+def group_norm(num_channels: int, groups: int = 16, rule: str = "gcd") -> nn.GroupNorm:
     """GroupNorm with ``groups`` groups (16 in the paper, pipeline A).
 
     When ``num_channels`` is not a multiple of ``groups`` (tiny test widths, or the 24-channel layers of the
-    w=48 ``Unet``), the number of groups is the largest divisor of ``num_channels`` that also divides
-    ``groups``, i.e. ``gcd(num_channels, groups)`` (24 channels -> 8 groups). The reference code used 3 groups
-    of 8 there; the parameter count is the same either way.
+    w=48 ``Unet``), ``rule`` picks the number of groups: ``"gcd"`` (default) the largest divisor of
+    ``num_channels`` that also divides ``groups``, i.e. ``gcd(num_channels, groups)`` (24 channels -> 8
+    groups of 3); ``"authors"`` the authors' code's rule (:func:`authors_groups`: 24 -> 3 groups of 8;
+    docs/fidelity.md). The parameter count is the same either way.
 
     Args:
         num_channels: channels to normalize.
         groups: wanted number of groups.
+        rule: ``"gcd"`` or ``"authors"``.
 
     Returns:
-        ``nn.GroupNorm(gcd(num_channels, groups), num_channels)`` (affine, weight 1, bias 0).
+        ``nn.GroupNorm(n_groups, num_channels)`` (affine, weight 1, bias 0).
     """
     if num_channels < 1 or groups < 1:
         raise ValueError(
             f"group_norm: got num_channels={num_channels}, groups={groups}; both must be >= 1 "
             "(check the network width in conf/model/)"
         )
-    return nn.GroupNorm(math.gcd(num_channels, groups), num_channels)
+    if rule not in GROUP_RULES:
+        raise ValueError(f"group_norm: got rule={rule!r}; expected one of {GROUP_RULES} (pipeline.norm.rule)")
+    n_groups = math.gcd(num_channels, groups) if rule == "gcd" else authors_groups(num_channels, groups)
+    return nn.GroupNorm(n_groups, num_channels)
 
 
 def instance_norm(num_channels: int) -> nn.InstanceNorm3d:

@@ -110,12 +110,22 @@ class _UNet3D(nn.Module):
     def _up(x: torch.Tensor) -> torch.Tensor:
         return F.interpolate(x, scale_factor=2, mode="trilinear", align_corners=True)
 
-    def forward(self, x: torch.Tensor) -> NetOutput:
+    def forward(self, x: torch.Tensor, deep_outputs: bool | None = None) -> NetOutput:
         """Logits (B, 3, X, Y, Z); in training mode with deep supervision ``(logits, [4 deep logits])``.
 
         The deep logits are, in order, from bottom, bottom_2, the 1/4- and the 1/2-resolution decoder
         stages, each upsampled (trilinear, align_corners=True) to the input's spatial size.
+
+        Args:
+            x: (B, in_channels, X, Y, Z), every side a multiple of 8.
+            deep_outputs: None: deep logits in training mode only; True: in either mode (a validation loss
+                with the deep heads, as the authors' code computed it); False: never.
         """
+        if deep_outputs is None:
+            deep_outputs = self.training and self.deep_supervision
+        elif deep_outputs and not self.deep_supervision:
+            raise ValueError(f"{type(self).__name__}: deep_outputs=True needs deep_supervision=True "
+                             "(model.deep_supervision)")
         self._check_shape(x)
         down1 = self.encoder1(x)
         down2 = self.encoder2(self.pool(down1))
@@ -127,7 +137,7 @@ class _UNet3D(nn.Module):
         up2 = self.decoder2(torch.cat([down2, self._up(up3)], dim=1))
         up1 = self.decoder1(torch.cat([down1, self._up(up2)], dim=1))
         logits = self.head(up1)
-        if not (self.training and self.deep_supervision):
+        if not deep_outputs:
             return logits
         size = x.shape[2:]
         deeps = [

@@ -306,3 +306,35 @@ def test_config_sets_max_epochs(overrides, main, total):
     if main == 200:
         assert (node.cycles, node.cycle_epochs, node.snapshot_every, node.lr, node.weight_decay) == \
             (5, 30, 3, 5e-5, 0.0)
+
+
+def test_authors_cycle_schedule_is_cosine_annealing_t40_stepped_30_times(tmp_path):
+    """experiment=paper_A_code's ``cosine_epochs``: each cycle's lr per epoch is what the authors' code got
+    from ``CosineAnnealingLR(Adam(lr=5e-5), T_max=30 + 10)`` stepped once after each of the 30 epochs
+    (torch's scheduler run here), so every cycle ends at 17.5% of 5e-5 before the next restarts."""
+    register_resolvers()
+    with initialize_config_dir(str(REPO / "conf"), version_base="1.3"):
+        cfg = compose("train", overrides=["experiment=paper_A_code", "data.root=/data"])
+    node = cfg.callbacks.fast_swa
+    assert (node.cosine_epochs, node.cycle_epochs, node.lr) == (40, 30, 5e-5)
+    adam = torch.optim.Adam([torch.nn.Parameter(torch.zeros(1))], lr=node.lr)
+    torch_schedule = torch.optim.lr_scheduler.CosineAnnealingLR(adam, T_max=node.cycle_epochs + 10)
+    code_lrs = []
+    for _ in range(node.cycle_epochs):
+        code_lrs.append(adam.param_groups[0]["lr"])
+        adam.step()
+        torch_schedule.step()
+    assert code_lrs[-1] / node.lr == pytest.approx(0.5 * (1 + math.cos(math.pi * 29 / 40)))  # 0.1747
+    assert code_lrs[-1] / node.lr == pytest.approx(0.175, abs=5e-4)
+    swa = FastSWA(main_epochs=1, cycles=2, cycle_epochs=node.cycle_epochs, snapshot_every=3, lr=node.lr,
+                  cosine_epochs=node.cosine_epochs, validate=False, dirpath=tmp_path)
+    rec = Recorder()
+    tiny_trainer(tmp_path, swa.total_epochs, [rec, swa]).fit(Tiny(1))
+    for cycle in range(2):
+        lrs = [rec.optim[1 + cycle * 30 + t]["lr"] for t in range(30)]
+        assert lrs == pytest.approx(code_lrs, rel=1e-12)
+    assert swa.run_record()["fast_swa"]["cosine_epochs"] == 40
+    # the paper's default decays to (nearly) 0 within the cycle instead
+    assert FastSWA(main_epochs=1).cosine_epochs == 30
+    with pytest.raises(ValueError, match="cosine_epochs"):
+        FastSWA(main_epochs=1, cosine_epochs=0)

@@ -40,3 +40,24 @@ def test_stage_widths_and_attention() -> None:
     assert stage.attention.in_features == 8
     with pytest.raises(ValueError, match="expected"):
         Stage((4,), group_norm)
+
+
+def code_default_norm_layer_groups(planes: int, groups: int = 16) -> int:
+    """The authors' ``default_norm_layer`` (src/models/layers.py) re-typed line by line (float divisor)."""
+    groups_ = min(groups, planes)
+    if planes % groups_ > 0:
+        divisor = 16
+        while planes % divisor > 0:
+            divisor /= 2
+        groups_ = int(planes // divisor)
+    return groups_
+
+
+def test_authors_group_rule_is_the_codes() -> None:
+    for channels in range(1, 400):
+        norm = group_norm(channels, rule="authors")
+        assert norm.num_groups == code_default_norm_layer_groups(channels), channels
+    assert [group_norm(c, rule="authors").num_groups for c in (24, 12, 40, 48, 1)] == [3, 12, 5, 16, 1]
+    assert [group_norm(c).num_groups for c in (24, 12, 40, 48, 1)] == [8, 4, 8, 16, 1]  # gcd, the default
+    with pytest.raises(ValueError, match="rule"):
+        group_norm(24, rule="nearest")

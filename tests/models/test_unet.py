@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 
 import hydra.utils
@@ -94,6 +95,48 @@ def test_parameter_counts_w48(cls: type[nn.Module], kwargs: dict, expected: dict
     for name, count in expected.items():
         assert n_params(net.get_submodule(name)) == count, name
     assert n_params(net) == sum(expected.values())
+
+
+def test_unet_w48_with_the_authors_groups() -> None:
+    """model=unet in experiment=paper_A_code (``pipeline.norm.rule: authors``): the 24-channel layers get 3
+    groups of 8 as in the authors' code, every other GroupNorm 16; the parameters are those counted layer
+    by layer in UNET_48; a forward pass normalizes encoder1's first block over 3 groups."""
+    torch.manual_seed(0)
+    net = Unet(width=48, norm=functools.partial(group_norm, groups=16, rule="authors"))
+    for name, count in UNET_48.items():
+        assert n_params(net.get_submodule(name)) == count, name
+    assert n_params(net) == sum(UNET_48.values())
+    norms = [m for m in net.modules() if isinstance(m, nn.GroupNorm)]
+    assert {(m.num_channels, m.num_groups) for m in norms if m.num_channels == 24} == {(24, 3)}
+    assert {m.num_groups for m in norms if m.num_channels != 24} == {16}
+    assert sum(m.num_channels == 24 for m in norms) == 2  # encoder1.block1 and decoder1.block2
+    x = torch.randn(1, 4, 8, 8, 8)
+    net.eval()
+    with torch.no_grad():
+        out = net(x)
+        block = net.encoder1.block1
+        expected = torch.relu(nn.functional.group_norm(block.conv(x), 3, block.norm.weight, block.norm.bias))
+        torch.testing.assert_close(block(x), expected)
+        gcd = nn.functional.group_norm(block.conv(x), 8, block.norm.weight, block.norm.bias)
+        assert not torch.allclose(torch.relu(gcd), expected)  # the grouping changes the activations
+    assert out.shape == (1, 3, 8, 8, 8) and torch.isfinite(out).all()
+
+
+def test_deep_outputs_in_eval_mode() -> None:
+    """``deep_outputs=True``: the deep logits in eval mode too (the authors' validation loss), equal to the
+    training-mode ones (GroupNorm has no running statistics)."""
+    torch.manual_seed(0)
+    net = EquiUnet(width=4)
+    x = torch.randn(1, 4, 16, 16, 16)
+    with torch.no_grad():
+        logits, deeps = net.eval()(x, deep_outputs=True)
+        train_logits, train_deeps = net.train()(x)
+        assert isinstance(net(x, deep_outputs=False), torch.Tensor)
+    torch.testing.assert_close(logits, train_logits)
+    for deep, train_deep in zip(deeps, train_deeps, strict=True):
+        torch.testing.assert_close(deep, train_deep)
+    with pytest.raises(ValueError, match="deep_supervision"):
+        EquiUnet(width=4, deep_supervision=False)(x, deep_outputs=True)
 
 
 def test_equiunet_w48_matches_measured_anchor() -> None:
