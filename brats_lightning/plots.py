@@ -11,7 +11,6 @@ part is edema); ground truth is drawn solid, the prediction dashed.
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,8 @@ from brats_lightning.data.labels import BRATS2020, REGIONS, LabelConvention, lab
 
 REGION_COLOURS: dict[str, str] = {"ET": "red", "TC": "limegreen", "WT": "yellow"}
 """Outline colour of each region: ET red, TC green (NCR/NET), WT yellow (ED), as in the paper's Fig. 3."""
-REGION_LEGEND: dict[str, str] = {"ET": "ET", "TC": "NCR/NET (TC border)", "WT": "ED (WT border)"}
+REGION_LEGEND: dict[str, str] = {"ET": "ET border", "TC": "TC border", "WT": "WT border"}
+"""Legend entries: the regions the network predicts (one vocabulary; the colours follow the labels above)."""
 IMAGE_PANELS: tuple[tuple[int, str], ...] = ((1, "T1ce"), (3, "FLAIR"))
 """(channel, title) of the images shown side by side; channels in the order t1, t1ce, t2, flair."""
 
@@ -189,8 +189,11 @@ def save_overlay(images: np.ndarray, gt_labels: np.ndarray, pred_labels: np.ndar
 
 # ---------------------------------------------------------------- per-case metrics
 
-BOXPLOT_PANELS: tuple[tuple[str, str], ...] = (("dice", "Dice"), ("hd95", "HD95 (mm)"),
+BOXPLOT_PANELS: tuple[tuple[str, str], ...] = (("lw_dice", "Lesion-wise Dice"),
+                                               ("lw_hd95", "Lesion-wise HD95 (mm)"),
+                                               ("dice", "Dice"), ("hd95", "HD95 (mm)"),
                                                ("sens", "Sensitivity"), ("spec", "Specificity"))
+"""Box plot panels; those whose columns the table has are drawn (lesion-wise ones with BraTS 2023 rules)."""
 
 
 def boxplot_figure(cases: pd.DataFrame, title: str = "") -> Figure:
@@ -213,7 +216,7 @@ def boxplot_figure(cases: pd.DataFrame, title: str = "") -> Figure:
         ax.set_xticks(range(1, len(REGIONS) + 1), list(REGIONS))
         for patch, region in zip(boxes["boxes"], REGIONS, strict=True):
             patch.set_facecolor({"ET": "tomato", "TC": "mediumseagreen", "WT": "gold"}[region])
-        if key == "hd95":
+        if key.endswith("hd95"):
             ax.set_ylim(bottom=0)
             if max((v.max() for v in values if v.size), default=0.0) > 50:
                 # empty-mask penalties (373.13 mm) would flatten every other box on a linear axis
@@ -233,45 +236,97 @@ def metric_boxplots(cases: pd.DataFrame, path: str | Path, title: str = "") -> P
 
 # ---------------------------------------------------------------- training curves
 
-def training_curves_figure(metrics_csv: str | Path) -> Figure:
-    """Plot a CSVLogger ``metrics.csv``: train and validation losses, and validation Dice, per epoch.
+def _epoch_curve(frame: pd.DataFrame, column: str) -> pd.Series:
+    """Per-epoch values of ``column`` (step rows averaged per epoch; epochs without a value dropped).
 
-    Loss columns are those whose name contains ``loss`` and starts with ``train`` or ``val``; a ``*_step``
-    column is left out when its ``*_epoch`` twin exists. Dice columns start with ``val`` and contain
-    ``dice``.
+    Rows without an epoch (LearningRateMonitor's, logged as an epoch starts) count for the next row's epoch.
+    """
+    return frame.assign(epoch=frame["epoch"].bfill()).groupby("epoch")[column].mean().dropna()
+
+
+def best_epoch(metrics_csv: str | Path, monitor: str, mode: str = "min") -> int | None:
+    """The epoch with the best ``monitor`` value in ``metrics_csv`` (first one on ties), None without it."""
+    frame = pd.read_csv(metrics_csv)
+    if monitor not in frame.columns or "epoch" not in frame.columns:
+        return None
+    series = _epoch_curve(frame, monitor)
+    if series.empty:
+        return None
+    return int(series.idxmin() if mode == "min" else series.idxmax())
+
+
+def training_curves_figure(metrics_csv: str | Path, title: str = "", monitor: str | None = None,
+                           mode: str = "min") -> Figure:
+    """Plot a CSVLogger ``metrics.csv`` per epoch: losses, validation Dice, learning rate.
+
+    * losses: the main head's training loss (``train/loss_main``, else ``train/loss``) beside ``val/loss``
+      (the main head's too); the optimized deep-supervision sum (``train/loss`` when ``train/loss_main``
+      exists: 5 heads, paper section 2.2) on its own right-hand axis;
+    * validation Dice of the label map, ET, TC, WT and their mean (``val/dice_*``), and the per-channel mean
+      (``val/channel_dice_mean``) dashed;
+    * the learning rate (``lr-*`` columns of Lightning's LearningRateMonitor), log scale.
+
+    ``*_epoch`` columns are used where they exist (``*_step`` rows are averaged per epoch otherwise). The
+    epoch with the best ``monitor`` value (best.ckpt's) is marked in every panel.
 
     Args:
         metrics_csv: the CSV logger's file (needs an ``epoch`` column).
+        title: figure title (train.py: the run's name, pipeline, model and fold).
+        monitor: the metric best.ckpt is chosen by (e.g. ``val/loss``); None: no marker.
+        mode: ``min`` or ``max`` for ``monitor``.
     """
     frame = pd.read_csv(metrics_csv)
     if "epoch" not in frame.columns:
         raise ValueError(f"{metrics_csv}: no 'epoch' column (found {list(frame.columns)}); expected the "
                          "metrics.csv that pytorch_lightning's CSVLogger writes")
     columns = set(frame.columns)
-    losses = [c for c in frame.columns if "loss" in c and re.match(r"(train|val)", c)
-              and not (c.endswith("_step") and c[: -len("_step")] + "_epoch" in columns)]
-    dices = [c for c in frame.columns if c.startswith("val") and "dice" in c]
+
+    def pick(name: str) -> str | None:
+        return next((c for c in (f"{name}_epoch", name, f"{name}_step") if c in columns), None)
+
+    main_loss, total_loss = pick("train/loss_main"), pick("train/loss")
+    if main_loss is None:
+        main_loss, total_loss = total_loss, None
+    losses = [c for c in (main_loss, pick("val/loss")) if c]
+    dice_names = (*(f"val/dice_{r.lower()}" for r in REGIONS), "val/dice_mean", "val/channel_dice_mean")
+    dices = [c for c in dice_names if c in columns]
+    rates = sorted(c for c in frame.columns if c.startswith("lr-"))
     if not losses and not dices:
         raise ValueError(f"{metrics_csv}: no train/val loss or val Dice column among {list(frame.columns)}")
-    panels = [(cols, label) for cols, label in ((losses, "loss"), (dices, "validation Dice")) if cols]
-    figure = _new_figure(5.0 * len(panels), 3.6)
+    panels = [(cols, label) for cols, label in ((losses, "loss (main head)"), (dices, "validation Dice"),
+                                                (rates, "learning rate")) if cols]
+    best = best_epoch(metrics_csv, monitor, mode) if monitor else None
+    figure = _new_figure(4.6 * len(panels), 3.9)
     for index, (cols, label) in enumerate(panels):
         ax = figure.add_subplot(1, len(panels), index + 1)
-        curves = frame.groupby("epoch")[cols].mean()  # step rows averaged per epoch; NaN cells skipped
         for column in cols:
-            series = curves[column].dropna()
+            series = _epoch_curve(frame, column)
             ax.plot(series.index, series.to_numpy(), marker="o" if len(series) < 30 else None, ms=3,
-                    label=column)
+                    label=column, ls="--" if "channel_dice" in column else "-")
+        if label.startswith("loss") and total_loss is not None:
+            twin = ax.twinx()
+            series = _epoch_curve(frame, total_loss)
+            twin.plot(series.index, series.to_numpy(), color="grey", ls=":",
+                      label=f"{total_loss} (all heads)")
+            twin.set_ylabel("deep-supervision sum", color="grey", fontsize=8)
+            twin.legend(fontsize=7, loc="lower left")
+        if best is not None:
+            ax.axvline(best, color="black", ls=":", lw=1, label=f"best.ckpt (epoch {best}, {monitor})")
         ax.set_xlabel("epoch")
         ax.set_ylabel(label)
         if label.endswith("Dice"):
             ax.set_ylim(0, 1)
+        if label == "learning rate" and (frame[cols] > 0).any().any():
+            ax.set_yscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
+        ax.legend(fontsize=7)
+    if title:
+        figure.suptitle(title, fontsize=10)
     figure.tight_layout()
     return figure
 
 
-def training_curves(metrics_csv: str | Path, path: str | Path) -> Path:
+def training_curves(metrics_csv: str | Path, path: str | Path, title: str = "", monitor: str | None = None,
+                    mode: str = "min") -> Path:
     """:func:`training_curves_figure` of ``metrics_csv`` written to ``path`` as PNG."""
-    return save_figure(training_curves_figure(metrics_csv), path)
+    return save_figure(training_curves_figure(metrics_csv, title, monitor, mode), path)
