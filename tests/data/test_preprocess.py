@@ -309,3 +309,66 @@ def test_parallel_build_and_cli(data_copy, tmp_path, capsys):
     assert main(["preprocess", str(data_copy), "--pipeline", "A", "--cache", str(tmp_path / "cache"),
                  "--workers", "1"]) == 0
     assert "built 2, reused 0" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------------------------------- compact cache
+def test_float16_cache_within_1e3_relative_of_float32(data_copy, tmp_path):
+    """Both normalizations of a real-range case (synthetic MRI intensities): float16 values are within 1e-3
+    relative of float32 (float16 keeps 11 significant bits: 2^-11 = 4.9e-4) wherever float16 is normal
+    (|v| >= 2^-14); the few smaller values (min-max just above the 1st percentile) are within 2^-25."""
+    case = find_cases(data_copy)[0]
+    for normalization in ("minmax", "zscore"):
+        full = CaseCache(tmp_path / "cache", normalization).get(case)
+        compact = CaseCache(tmp_path / "cache", normalization, dtype="float16").get(case)
+        assert compact.images.dtype == np.float16 and full.images.dtype == np.float32
+        exact = np.asarray(full.images, dtype=np.float64)
+        error = np.abs(np.asarray(compact.images, dtype=np.float64) - exact)
+        normal = np.abs(exact) >= 2.0**-14
+        assert normal[exact != 0].mean() > 0.9 and np.ptp(exact) >= 1.0  # a realistic range
+        assert np.all(error[normal] <= 1e-3 * np.abs(exact[normal])), normalization
+        assert np.all(error[~normal] <= 2.0**-25)
+        assert np.array_equal(exact == 0, np.asarray(compact.images) == 0)  # background stays exactly 0
+        np.testing.assert_array_equal(np.asarray(compact.labels), np.asarray(full.labels))
+        images = CaseCache(tmp_path / "cache", normalization, "float16").entry_dir(case) / "images.npy"
+        assert images.stat().st_size < 0.51 * (CaseCache(tmp_path / "cache", normalization).entry_dir(case)
+                                               / "images.npy").stat().st_size
+    assert CaseCache(tmp_path / "cache", "minmax", "float16").entry_dir(case).parts[-3] == "minmax-float16"
+    with pytest.raises(ValueError, match="cache dtype 'bfloat16'"):
+        CaseCache(tmp_path / "cache", "minmax", "bfloat16")
+
+
+def test_entry_of_an_older_layout_is_rebuilt_not_misread(data_copy, tmp_path):
+    """An entry written by layout 1 (float32 only, no check record) is rebuilt; so is an entry whose arrays
+    disagree with its meta (float16 images under a float32 meta)."""
+    case = find_cases(data_copy)[0]
+    cache = CaseCache(tmp_path / "cache", "minmax")
+    entry = cache.build_one(case)
+    meta_path = entry / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    assert meta["format"] == 2 and meta["check"] == "passed" and meta["dtype"] == "float32"
+    old = {k: v for k, v in meta.items() if k not in ("check", "dtype")} | {"format": 1}
+    meta_path.write_text(json.dumps(old))
+    np.save(entry / "images.npy", np.zeros((4, 2, 2, 2), np.float64))  # what an older writer might leave
+    assert not cache.is_fresh(case)
+    got = cache.get(case)
+    np.testing.assert_array_equal(np.asarray(got.images), preprocess_case(case, "minmax").images)
+    assert json.loads(meta_path.read_text())["format"] == 2
+    np.save(entry / "images.npy", np.asarray(got.images, dtype=np.float16))  # arrays lie about the meta
+    got = cache.get(case)
+    assert got.images.dtype == np.float32
+    np.testing.assert_array_equal(np.asarray(got.images), preprocess_case(case, "minmax").images)
+
+
+def test_bad_case_gets_no_entry_and_the_rest_are_cached(data_copy, tmp_path):
+    from brats_lightning.data.checks import DataProblems
+
+    cases = find_cases(data_copy)
+    t1 = cases[1].images[0]
+    image = nib.load(t1)
+    data = np.asanyarray(image.dataobj).astype(np.float32)
+    data[data > 0] = np.nan  # every brain voxel NaN: the percentile would be NaN, the channel cached as 0
+    nib.Nifti1Image(data, image.affine).to_filename(t1)  # stored as float32 (the source is integer)
+    cache = CaseCache(tmp_path / "cache", "minmax")
+    with pytest.raises(DataProblems, match=rf"{cases[1].case_id}  .*t1 holds \d+ non-finite voxels"):
+        cache.build(cases, workers=1, progress=False)
+    assert cache.is_fresh(cases[0]) and not cache.entry_dir(cases[1]).exists()
