@@ -6,6 +6,8 @@
 - ``synthetic_cases``: ``find_cases(synthetic_root)``, sorted by case id.
 - ``synthetic_root_2023``: 3 cases, BraTS 2023 GLI naming (``BraTS-GLI-00001-000-t1n.nii.gz``...) and
   labels (ET = 3), 4 mm, seed 0. Read-only as well.
+- ``synthetic_root_2024``: 3 cases of BraTS 2024 post-treatment glioma (GLI names, ET = 3, resection cavity
+  4, ``dataset.json``), 4 mm, seed 0. Read-only.
 - ``tiny_run_factory``: tiny real runs (a width-4 network from brats_lightning.models saved as a
   Lightning-style checkpoint ``{"state_dict": {"net.<param>": tensor}}`` next to a run.json in the
   docs/contracts.md format); ``tiny_dataset`` / ``case_writer``: small cases for inference tests.
@@ -56,6 +58,17 @@ def synthetic_root_2023(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
     root = tmp_path_factory.mktemp("synthetic") / "brats2023"
     generate_dataset(root, 3, seed=0, spacing=SYNTHETIC_SPACING, year=2023, workers=1, progress=False)
+    return root
+
+
+@pytest.fixture(scope="session")
+def synthetic_root_2024(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """3 synthetic BraTS 2024 post-treatment glioma cases (2023 GLI names, labels 1-3 and the resection
+    cavity 4, a dataset.json declaring brats2024-gli), 4 mm (read-only)."""
+    from brats_lightning.data.synthetic import generate_dataset
+
+    root = tmp_path_factory.mktemp("synthetic") / "brats2024"
+    generate_dataset(root, 3, seed=0, spacing=SYNTHETIC_SPACING, year=2024, workers=1, progress=False)
     return root
 
 

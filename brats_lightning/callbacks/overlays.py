@@ -101,7 +101,8 @@ class OverlayCallback(pl.Callback):
             raise ValueError("OverlayCallback needs validation_step to return a dict with 'pred_regions' "
                              f"(bool (B, 3, X, Y, Z)); got {type(outputs).__name__} "
                              f"{sorted(outputs) if isinstance(outputs, dict) else ''}")
-        pred, target = outputs["pred_regions"].bool(), batch["target"].bool()
+        tumour = slice(0, len(REGIONS))  # ET, TC, WT: a BraTS 2024 cavity channel (RC) is not drawn
+        pred, target = outputs["pred_regions"].bool()[:, tumour], batch["target"].bool()[:, tumour]
         case_ids = list(batch["case_id"])
         scores = region_dice(pred, target).cpu().tolist()
         spatial = tuple(target.shape[-3:])

@@ -146,12 +146,23 @@ def dataset_for_year(year: int, task: str | None = None) -> DataSet:
     return matches[0]
 
 
-def dataset_for_case(case_id: str, naming: Naming) -> DataSet:
-    """The entry whose names ``case_id`` (with files named by ``naming``) carries.
+def match_dataset(case_id: str) -> DataSet | None:
+    """The entry recognised by name (``by_name``) whose case ids ``case_id`` looks like; None: no entry.
 
-    Only entries recognised by name count (``by_name``); an id no entry matches falls back to the first
-    entry with that file naming (brats2020 for ``_t1`` files, brats2023-gli for ``-t1n`` files), so
-    renamed cases keep working with the right label codes.
+    A ``BraTS-GLI-...`` id gives brats2023-gli: BraTS 2024 post-treatment glioma shares its names and has
+    to be declared (``dataset.json``, :func:`brats_lightning.data.layout.declared_dataset`).
     """
-    candidates = [ds for ds in DATASETS.values() if ds.naming == naming and ds.by_name]
-    return next((ds for ds in candidates if ds.matches(case_id)), candidates[0])
+    return next((ds for ds in DATASETS.values() if ds.by_name and ds.matches(case_id)), None)
+
+
+def dataset_for_case(case_id: str, naming: Naming) -> DataSet:
+    """The entry of a case called ``case_id`` whose files are named by ``naming``.
+
+    :func:`match_dataset` when its naming agrees; otherwise the first entry with that file naming
+    (brats2020 for ``_t1`` files, brats2023-gli for ``-t1n`` files), so renamed cases keep working with
+    the right label codes.
+    """
+    matched = match_dataset(case_id)
+    if matched is not None and matched.naming == naming:
+        return matched
+    return next(ds for ds in DATASETS.values() if ds.naming == naming and ds.by_name)

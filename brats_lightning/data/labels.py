@@ -83,6 +83,17 @@ def get_convention(name: str | LabelConvention) -> LabelConvention:
         ) from None
 
 
+def convention_for_regions(n_regions: int) -> LabelConvention:
+    """A convention with ``n_regions`` region channels (3: ET, TC, WT; 4: and RC), for code that holds only
+    region channels and needs the region <-> label-map rule, not the codes (a round trip through the label
+    map gives the same regions with every convention of that size)."""
+    for convention in CONVENTIONS.values():
+        if len(convention.regions) == n_regions:
+            return convention
+    raise ValueError(f"no label convention has {n_regions} region channels; expected 3 (ET, TC, WT) or 4 "
+                     "(ET, TC, WT, RC)")
+
+
 def _to_regions(label_map: Any, convention: LabelConvention, stack: Callable[[list[Any]], Any]) -> Any:
     """The one definition of label map -> (ET, TC, WT[, RC]) masks, for numpy arrays and torch tensors."""
     et = label_map == convention.et

@@ -552,14 +552,13 @@ def _build_entry(cache_dir: str, normalization: str, dtype: str, case: Case) -> 
 def layout_problems(root: str | Path, require_labels: bool = False) -> tuple[list[Case], list[Problem]]:
     """The cases under ``root`` and its layout problems (missing files, duplicates; with ``require_labels``
     a missing seg), as :class:`~brats_lightning.data.checks.Problem` rows."""
-    from brats_lightning.data.layout import NAMING_2020, NAMING_2023, scan_dataset
+    from brats_lightning.data.layout import scan_dataset
 
     cases, issues = scan_dataset(root)
     problems = [Problem(i.case, i.file, i.message) for i in issues]
     if require_labels:
-        namings = {n.convention.name: n for n in (NAMING_2020, NAMING_2023)}
         for case in (c for c in cases if c.seg is None):
-            expected = namings[case.convention.name].filename(case.case_id, "seg")
+            expected = case.dataset.naming.filename(case.case_id, "seg")
             problems.append(Problem(case.case_id, str(case.folder / expected),
                                     f"seg missing (looked for {expected}); training needs a label map for "
                                     "every case: add it or move the case out of the training set"))

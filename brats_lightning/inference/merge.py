@@ -53,16 +53,17 @@ def merge_labels(a: np.ndarray, b: np.ndarray, convention: LabelConvention = BRA
     Args:
         a: pipeline A's label map (integer codes of ``convention``).
         b: pipeline B's label map, same shape.
-        convention: label codes (ET is 4 in BraTS 2020/2021, 3 in 2023).
+        convention: label codes (ET is 4 in BraTS 2020/2021, 3 in 2023; 4 is the cavity in BraTS 2024).
 
     Returns:
-        uint8 label map: B's label where both A and B say 0 or edema, A's label elsewhere.
+        uint8 label map: B's label where both A and B say 0 or edema (or, in BraTS 2024, resection cavity:
+        like edema it is outside the tumour core that A's label keeps), A's label elsewhere.
     """
     a = np.asarray(a)
     b = np.asarray(b)
     if a.shape != b.shape:
         raise ValueError(f"merge_labels: label maps differ in shape: A {a.shape}, B {b.shape}")
-    soft = (0, convention.ed)
+    soft = (0, convention.ed) + (() if convention.rc is None else (convention.rc,))
     b_wins = np.isin(a, soft) & np.isin(b, soft)
     return np.where(b_wins, b, a).astype(np.uint8)
 

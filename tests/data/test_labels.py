@@ -14,6 +14,7 @@ from brats_lightning.data.labels import (
     BRATS2024_GLI,
     CONVENTIONS,
     REGIONS,
+    convention_for_regions,
     get_convention,
     labels_to_regions,
     labels_to_regions_torch,
@@ -33,6 +34,9 @@ def test_conventions():
     assert [c.regions for c in CONVENTIONS.values()] == [REGIONS, REGIONS, ("ET", "TC", "WT", "RC")]
     assert BRATS2020.names == {1: "NCR/NET", 2: "ED", 4: "ET"}
     assert BRATS2024_GLI.names == {1: "NETC", 2: "SNFH", 3: "ET", 4: "RC"}
+    assert convention_for_regions(3) is BRATS2020 and convention_for_regions(4) is BRATS2024_GLI
+    with pytest.raises(ValueError, match="no label convention has 5 region channels"):
+        convention_for_regions(5)
     with pytest.raises(ValueError, match="unknown label convention 'brats2019'"):
         get_convention("brats2019")
 
