@@ -17,6 +17,7 @@ import os
 import random
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,8 @@ import pytorch_lightning as pl
 import torch
 from lightning_fabric.plugins.io.torch_io import TorchCheckpointIO
 from pytorch_lightning.callbacks import ModelCheckpoint
+from pytorch_lightning.trainer.states import TrainerFn
+from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from brats_lightning.data.io import atomic_path
 
@@ -63,16 +66,116 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 os.fsync(f.fileno())
 
 
+class MovableCheckpoint(ModelCheckpoint):
+    """``ModelCheckpoint`` whose selection state survives a moved run folder.
+
+    Lightning reloads ``best_model_score`` (and the other top-k state) only when the checkpoint's
+    ``dirpath`` equals the callback's; after the run folder moved it keeps only ``best_model_path``, so a
+    worse epoch could overwrite ``best.ckpt``. Here the stored paths are re-rooted in the new folder first.
+    """
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        old, new = state_dict.get("dirpath"), self.dirpath
+        if old and new and old != new:
+            def moved(path: Any) -> Any:
+                return os.path.join(new, os.path.basename(path)) if path else path
+
+            state_dict = {**state_dict, "dirpath": new,
+                          "best_model_path": moved(state_dict.get("best_model_path")),
+                          "kth_best_model_path": moved(state_dict.get("kth_best_model_path")),
+                          "last_model_path": moved(state_dict.get("last_model_path")),
+                          "best_k_models": {moved(k): v
+                                            for k, v in (state_dict.get("best_k_models") or {}).items()}}
+            log.info("checkpoints moved from %s to %s: selection state carried over", old, new)
+        super().load_state_dict(state_dict)
+
+
 def best_checkpoint(dirpath: str | Path, monitor: str = "val/loss", mode: str = "min") -> ModelCheckpoint:
     """``<dirpath>/best.ckpt``: the weights of the epoch with the best ``monitor`` value so far."""
-    return ModelCheckpoint(dirpath=str(dirpath), filename="best", monitor=monitor, mode=mode, save_top_k=1,
-                           save_last=False, auto_insert_metric_name=False, enable_version_counter=False)
+    return MovableCheckpoint(dirpath=str(dirpath), filename="best", monitor=monitor, mode=mode, save_top_k=1,
+                             save_last=False, auto_insert_metric_name=False, enable_version_counter=False)
 
 
 def last_checkpoint(dirpath: str | Path) -> ModelCheckpoint:
     """``<dirpath>/last.ckpt``, rewritten at the end of every training epoch (used to resume)."""
-    return ModelCheckpoint(dirpath=str(dirpath), filename="last", monitor=None, save_top_k=1, save_last=False,
-                           every_n_epochs=1, save_on_train_epoch_end=True, enable_version_counter=False)
+    return MovableCheckpoint(dirpath=str(dirpath), filename="last", monitor=None, save_top_k=1,
+                             save_last=False, every_n_epochs=1, save_on_train_epoch_end=True,
+                             enable_version_counter=False)
+
+
+def checkpoint_step(path: str | Path) -> tuple[int, int]:
+    """``(epoch, step)`` of a Lightning checkpoint: the step is the trainer's logging step (the ``step``
+    column of metrics.csv), ``_batches_that_stepped``, which equals ``global_step`` with one optimizer."""
+    state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    epoch_loop = state.get("loops", {}).get("fit_loop", {}).get("epoch_loop.state_dict", {})
+    return int(state["epoch"]), int(epoch_loop.get("_batches_that_stepped", state["global_step"]))
+
+
+#: Exit codes of a job stopped by a signal, as a shell reports a process killed by it (128 + signal number).
+STOP_EXIT_CODES = {signal.SIGTERM: 128 + signal.SIGTERM, signal.SIGINT: 128 + signal.SIGINT}
+
+
+class StopOnSignal(pl.Callback):
+    """SIGTERM (SLURM's time limit, ``timeout``, ``kill``) and SIGINT (Ctrl-C): finish the current batch,
+    write ``last.ckpt`` there, and let train.py exit with 143 / 130 and one line saying how to resume.
+
+    Lightning itself raises ``SIGTERMException`` (a ``SystemExit`` with code 0) at the next batch boundary
+    after a SIGTERM; SIGINT is routed the same way instead of a ``KeyboardInterrupt`` in the middle of a step
+    (or in a DataLoader worker, which inherits these handlers when it is forked and so ignores the signal).
+    A second signal of the same kind ends the process at once. A stop during the final validation writes
+    nothing: ``last.ckpt`` already holds the finished training.
+
+    :meth:`install` it before ``trainer.fit``, :meth:`uninstall` it after the final validation;
+    :attr:`signum` is the signal received.
+    """
+
+    def __init__(self, last_path: str | Path) -> None:
+        super().__init__()
+        self.last_path = Path(last_path)
+        self.signum: int | None = None
+        self.stopped_at: tuple[int, int] | None = None  # (epoch, global step) of the checkpoint written
+        self._trainer: pl.Trainer | None = None
+        self._previous: dict[int, Any] = {}
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum == signum:  # second signal: the default action (end the process now)
+            signal.signal(signum, signal.SIG_DFL)
+            signal.raise_signal(signum)
+            return
+        self.signum = signum
+        log.warning("received %s: stopping after the current batch (send it again to stop at once)",
+                    signal.Signals(signum).name)
+        if self._trainer is not None:  # Lightning's loops stop at the next batch boundary on this flag
+            self._trainer._signal_connector.received_sigterm = True
+
+    def install(self) -> None:
+        """Handle SIGTERM and SIGINT from now on (before ``trainer.fit``: Lightning keeps this handler)."""
+        self._previous = {signum: signal.signal(signum, self._handle) for signum in STOP_EXIT_CODES}
+
+    def uninstall(self) -> None:
+        """Restore the handlers that :meth:`install` replaced."""
+        for signum, handler in self._previous.items():
+            signal.signal(signum, handler)
+        self._previous = {}
+
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._trainer = trainer
+
+    def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any,
+                             batch_idx: int) -> None:
+        if self.signum is not None:  # received before Lightning's loops started (its flag was reset then)
+            trainer._signal_connector.received_sigterm = True
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                     exception: BaseException) -> None:
+        if not isinstance(exception, SIGTERMException):
+            return
+        if self.signum is None:  # Lightning's own SIGTERM handling (or another rank's)
+            self.signum = signal.SIGTERM
+        if trainer.state.fn == TrainerFn.FITTING:
+            trainer.save_checkpoint(self.last_path)
+            self.stopped_at = (trainer.current_epoch, trainer.global_step)
+            log.info("wrote %s (epoch %d, step %d)", self.last_path, *self.stopped_at)
 
 
 def _process_alive(pid: int) -> bool:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import hashlib
 import json
 import logging
 import os
@@ -27,7 +28,9 @@ from typing import Any
 
 import torch
 from lightning_fabric.loggers.logger import rank_zero_experiment
-from pytorch_lightning.loggers import CSVLogger
+from lightning_fabric.utilities.logger import _add_prefix
+from lightning_fabric.utilities.rank_zero import rank_zero_only
+from pytorch_lightning.loggers import CSVLogger, WandbLogger
 from pytorch_lightning.loggers.csv_logs import ExperimentWriter
 from torch import nn
 
@@ -37,6 +40,7 @@ log = logging.getLogger(__name__)
 
 RUN_FILE = "run.json"
 WANDB_ID_FILE = "wandb_id.txt"
+FINGERPRINT_FILE = "fingerprint.json"
 REQUIRED_KEYS = (  # what inference needs of run.json (docs/contracts.md)
     "pipeline", "model", "fold", "normalization", "label_convention", "channels", "model_config",
     "checkpoints",
@@ -165,6 +169,111 @@ class ResumableCSVLogger(CSVLogger):
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+    def drop_rows_from(self, step: int) -> int:
+        """Delete the rows of ``metrics.csv`` logged at ``step`` or later; returns how many were dropped.
+
+        A job resumed from a checkpoint taken at trainer step ``step`` logs those steps again, so the rows
+        that a killed job wrote after its last checkpoint would otherwise appear twice (docs/contracts.md,
+        "metrics.csv").
+        """
+        path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
+        if not path.is_file():
+            return 0
+        with open(path, newline="") as f:
+            reader = csv.DictReader(f)
+            fields, rows = reader.fieldnames or [], list(reader)
+        kept = [r for r in rows if r.get("step") in (None, "") or int(r["step"]) < step]
+        if len(kept) < len(rows):
+            with atomic_path(path) as tmp, open(tmp, "w", newline="") as f:
+                writer = csv.DictWriter(f, fieldnames=fields)
+                writer.writeheader()
+                writer.writerows(kept)
+            log.info("%s: dropped %d row(s) logged after the checkpoint (step >= %d)", path,
+                     len(rows) - len(kept), step)
+        return len(rows) - len(kept)
+
+
+class ResumableWandbLogger(WandbLogger):
+    """WandbLogger whose W&B step is the trainer's step (Lightning's logs W&B's own call counter), so a job
+    resumed from a checkpoint continues the W&B history at the checkpoint's step, as an uninterrupted job
+    would; :meth:`mark_resumed` records where (config ``resumed_from``)."""
+
+    @rank_zero_only
+    def log_metrics(self, metrics: Mapping[str, float], step: int | None = None) -> None:
+        if step is None:
+            super().log_metrics(metrics, step)
+            return
+        metrics = _add_prefix(metrics, self._prefix, self.LOGGER_JOIN_CHAR)
+        self.experiment.log({**metrics, "trainer/global_step": step}, step=int(step))
+
+    def mark_resumed(self, step: int, checkpoint: str | Path) -> None:
+        """Record in the W&B config that this process resumed the run from ``checkpoint`` at ``step``."""
+        self.experiment.config.update({"resumed_from": {"step": int(step), "checkpoint": str(checkpoint)}},
+                                      allow_val_change=True)
+
+
+# ------------------------------------------------------------------------------------------ fingerprint
+#: Config keys (and key prefixes) that may change between a job and its resume without making it another
+#: run: where and how it runs, what it logs, how fast; never what it trains on or how it learns.
+RESUMABLE_KEYS = (
+    "resume", "paths", "logger", "speed", "validation.hd95",
+    "callbacks.progress_bar", "callbacks.overlays", "callbacks.lr_monitor",
+    "trainer.accelerator", "trainer.devices", "trainer.num_nodes", "trainer.strategy", "trainer.benchmark",
+    "trainer.enable_progress_bar", "trainer.enable_model_summary", "trainer.log_every_n_steps",
+    "data.root", "data.cache_dir", "data.num_workers", "data.check",
+)
+
+
+def _flatten(node: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(node, Mapping) and node:
+        flat: dict[str, Any] = {}
+        for key, value in node.items():
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        return flat
+    return {prefix[:-1]: node}
+
+
+def _resumable(key: str) -> bool:
+    # *.dirpath: callbacks' folders inside the run folder, which may have moved since
+    return key.endswith(".dirpath") or any(key == k or key.startswith(k + ".") for k in RESUMABLE_KEYS)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex SHA-256 of a file's bytes."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def run_fingerprint(config: Mapping[str, Any], root: str | Path, case_ids: Sequence[str],
+                    label_convention: str, split_file: str | Path) -> dict[str, Any]:
+    """What makes a run this run: the resolved config minus :data:`RESUMABLE_KEYS`, flattened to dotted
+    keys, and the data set's identity (root, case list, label convention, split file content)."""
+    ids = sorted(map(str, case_ids))
+    data = {"dataset.root": str(Path(root).resolve()), "dataset.n_cases": len(ids),
+            "dataset.cases_sha256": hashlib.sha256("\n".join(ids).encode()).hexdigest(),
+            "dataset.label_convention": label_convention, "dataset.split_sha256": sha256_file(split_file)}
+    return {**{k: v for k, v in _flatten(config).items() if not _resumable(k)}, **data}
+
+
+def fingerprint_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> list[str]:
+    """``key: old -> new`` for every key whose value differs (or that only one side has), sorted."""
+    missing = "(unset)"
+    return [f"{k}: {old.get(k, missing)!r} -> {new.get(k, missing)!r}" for k in sorted(set(old) | set(new))
+            if old.get(k, missing) != new.get(k, missing)]
+
+
+def read_fingerprint(run_dir: str | Path) -> dict[str, Any] | None:
+    """``<run_dir>/fingerprint.json``, or None when the run folder has none (a new run)."""
+    path = Path(run_dir) / FINGERPRINT_FILE
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def write_fingerprint(run_dir: str | Path, fingerprint: Mapping[str, Any]) -> Path:
+    """Write ``<run_dir>/fingerprint.json`` atomically (sorted keys); returns its path."""
+    path = Path(run_dir) / FINGERPRINT_FILE
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(fingerprint, indent=1, sort_keys=True, default=str) + "\n")
+    return path
 
 
 @dataclass(frozen=True)

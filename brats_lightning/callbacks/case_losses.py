@@ -12,7 +12,8 @@ and removed from the complete training set, thus creating a 'cleaned' version of
    trained on it (a case is in the training set of 4 of 5 folds), and flags the cases scoring above the
    threshold (``--threshold T``) or above the ``Q`` quantile of all scores (``--quantile``, default 0.9).
    ``FILE.json`` gets ``{"exclude": [...], "rule": {...}, "runs": [...], "scores": {...}}``; any other name
-   gets one case id per line and the rule, runs and scores in ``FILE.meta.json`` beside it.
+   gets one case id per line and the rule, runs and scores in ``<name>.meta.json`` beside it (the whole
+   name plus ``.meta.json``: ``excluded.txt`` -> ``excluded.txt.meta.json``).
 3. ``python train.py data.exclude=FILE ...`` trains on the cleaned set: the listed cases leave the training
    folds only, validation keeps them (:func:`brats_lightning.data.splits.fold_case_ids`); run.json records
    the excluded ids, the file and its rule.
@@ -240,7 +241,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dirs", nargs="+", type=Path, metavar="RUN_DIR",
                         help="run folders holding case_losses.csv (or folders of runs, searched recursively)")
     parser.add_argument("--out", required=True, type=Path,
-                        help="exclusion list: FILE.json (list + rule) or a text file (+ FILE.meta.json)")
+                        help="exclusion list: a .json file (ids, rule and scores in one file), or any other "
+                             "name for one id a line plus the rule and scores in <name>.meta.json beside it "
+                             "(excluded.txt -> excluded.txt.meta.json)")
     rule = parser.add_mutually_exclusive_group()
     rule.add_argument("--quantile", type=float, default=None,
                       help=f"flag cases above this quantile of the scores (default {DEFAULT_QUANTILE})")

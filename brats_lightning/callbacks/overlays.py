@@ -11,20 +11,24 @@ padding is taken to sit at the end of each axis (``image[..., :X, :Y, :Z]``).
 Each validation epoch it
 
 * draws, for the first ``cases`` case ids in sorted order (chosen in the first validation epoch and kept
-  fixed afterwards, so the images of successive epochs compare), an axial slice through the ground truth
-  tumour centre with ground truth (solid) and predicted (dashed) outlines on t1ce and flair
+  fixed afterwards, so the images of successive epochs compare) and for the ``worst`` other cases of the
+  epoch (lowest mean Dice), an axial slice through the ground truth tumour centre with ground truth (solid)
+  and predicted (dashed) outlines of ET, TC and WT on t1ce and flair
   (:func:`brats_lightning.plots.draw_overlay`), saved as
-  ``<trainer.log_dir or default_root_dir>/overlays/epoch{E:03d}_{case}.png``;
+  ``<trainer.log_dir or default_root_dir>/overlays/epoch{E:03d}_{case}.png`` (``epoch{E:03d}_worst_{case}``;
+  the final validation of best.ckpt after training: ``best_{case}.png``). The slice index shown is the
+  case's original (uncropped) grid's, when the trainer's datamodule knows the case's brain box;
 * logs those PNGs to every attached WandbLogger (``log_image(key="val/overlay", ...)``) and a table of every
-  validated case's Dice per region (``log_table(key="val/case_dice", ...)``).
+  validated case's Dice per region (``log_table(key="val/case_dice", ...)``), at the trainer's logging step.
 
-It only keeps one 2D slice per chosen case in memory, never whole volumes. Without a logger, or with only
+It only keeps one 2D slice per drawn case in memory, never whole volumes. Without a logger, or with only
 a CSVLogger, it writes the PNGs and nothing else. Under multi-process training each rank sees its own share
 of the validation cases; the overlays and the table come from the cases of rank 0.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from pathlib import Path
 from typing import Any
@@ -33,6 +37,7 @@ import numpy as np
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.loggers import WandbLogger
+from pytorch_lightning.trainer.states import TrainerFn
 
 from brats_lightning.data.labels import REGIONS, regions_to_labels
 from brats_lightning.data.preprocess import Box
@@ -63,23 +68,28 @@ class OverlayCallback(pl.Callback):
     """Save (and log to W&B) validation overlays of a fixed set of cases, plus a per-case Dice table.
 
     Args:
-        cases: how many cases to draw (the first ones by sorted case id).
+        cases: how many fixed cases to draw (the first ones by sorted case id).
+        worst: how many of the epoch's other cases with the lowest mean Dice to draw as well.
         every_n_epochs: draw and log on validation epochs whose ``current_epoch + 1`` is a multiple of this
             (1 = every validation epoch). The sanity check is never drawn.
     """
 
-    def __init__(self, cases: int = 2, every_n_epochs: int = 1) -> None:
+    def __init__(self, cases: int = 2, every_n_epochs: int = 1, worst: int = 0) -> None:
         super().__init__()
-        if cases < 0 or every_n_epochs < 1:
-            raise ValueError(f"OverlayCallback needs cases >= 0 and every_n_epochs >= 1, found "
-                             f"cases={cases}, every_n_epochs={every_n_epochs}")
+        if cases < 0 or worst < 0 or every_n_epochs < 1:
+            raise ValueError(f"OverlayCallback needs cases >= 0, worst >= 0 and every_n_epochs >= 1, found "
+                             f"cases={cases}, worst={worst}, every_n_epochs={every_n_epochs}")
         self.cases = cases
+        self.worst = worst
         self.every_n_epochs = every_n_epochs
         self.case_ids: list[str] | None = None  # fixed after the first drawn validation epoch
         self.slices: dict[str, OverlaySlice] = {}  # the current / last drawn epoch's slices, by case id
+        self.worst_slices: dict[str, OverlaySlice] = {}  # the epoch's lowest-Dice other cases so far
         self._dice: dict[str, list[float]] = {}
 
     def _active(self, trainer: pl.Trainer) -> bool:
+        if trainer.state.fn == TrainerFn.VALIDATING:
+            return True
         return not trainer.sanity_checking and (trainer.current_epoch + 1) % self.every_n_epochs == 0
 
     def _wanted(self, case_id: str) -> bool:
@@ -89,8 +99,30 @@ class OverlayCallback(pl.Callback):
             return case_id in self.case_ids
         return len(self.slices) < self.cases or case_id < max(self.slices)
 
+    def _worst_candidate(self, case_id: str, mean_dice: float) -> bool:
+        """Whether ``case_id`` is among the ``worst`` lowest-Dice cases seen so far (dropping the best one
+        of them when it pushes another out)."""
+        if self.worst == 0:
+            return False
+        kept = sorted(self.worst_slices, key=lambda c: float(np.mean(self._dice[c])))
+        if len(kept) < self.worst:
+            return True
+        if mean_dice < float(np.mean(self._dice[kept[-1]])):
+            del self.worst_slices[kept[-1]]
+            return True
+        return False
+
+    @staticmethod
+    def _grid_z(trainer: pl.Trainer, case_id: str, z: int) -> int:
+        """``z`` in the case's original grid: plus its brain box's start, when the datamodule knows it."""
+        datamodule = getattr(trainer, "datamodule", None)
+        by_id = {c.case_id: c for c in getattr(datamodule, "val_cases", None) or ()}
+        if case_id not in by_id or getattr(datamodule, "cache", None) is None:
+            return z
+        return z + datamodule.cache.get(by_id[case_id]).box.start[2]
+
     def on_validation_epoch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.slices, self._dice = {}, {}
+        self.slices, self.worst_slices, self._dice = {}, {}, {}
 
     @torch.no_grad()
     def on_validation_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any,
@@ -108,12 +140,18 @@ class OverlayCallback(pl.Callback):
         spatial = tuple(target.shape[-3:])
         for index, case_id in enumerate(case_ids):
             self._dice[case_id] = scores[index]
-            if not self._wanted(case_id):
+            fixed = self._wanted(case_id)
+            if not fixed and not self._worst_candidate(case_id, float(np.mean(scores[index]))):
                 continue
             image = _unpadded_image(batch, index, spatial).float().cpu().numpy()
             gt = regions_to_labels(target[index].cpu().numpy())
             pr = regions_to_labels(pred[index].cpu().numpy())
-            self.slices[case_id] = overlay_slice(image, gt, pr)
+            data = overlay_slice(image, gt, pr)
+            data = dataclasses.replace(data, z=self._grid_z(trainer, case_id, data.z))
+            if not fixed:
+                self.worst_slices[case_id] = data
+                continue
+            self.slices[case_id] = data
             if self.case_ids is None and len(self.slices) > self.cases:
                 del self.slices[max(self.slices)]
 
@@ -125,13 +163,19 @@ class OverlayCallback(pl.Callback):
         folder = Path(trainer.log_dir or trainer.default_root_dir) / "overlays"  # every rank calls log_dir
         if not trainer.is_global_zero:
             return
-        epoch, step = trainer.current_epoch, trainer.global_step
+        epoch = trainer.current_epoch
+        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step Lightning logs validation at
+        final = trainer.state.fn == TrainerFn.VALIDATING
+        prefix, when = ("best_", "best.ckpt") if final else (f"epoch{epoch:03d}_", f"epoch {epoch}")
+        worst = {c: d for c, d in self.worst_slices.items() if c not in self.slices}
+        drawn = [(c, self.slices[c], "") for c in sorted(self.slices)]
+        drawn += [(c, worst[c], "worst_") for c in sorted(worst, key=lambda c: float(np.mean(self._dice[c])))]
         paths, captions = [], []
-        for case_id in sorted(self.slices):
-            title = f"{case_id} (epoch {epoch})"
-            figure = draw_overlay(self.slices[case_id], title, self._dice.get(case_id))
-            paths.append(str(save_figure(figure, folder / f"epoch{epoch:03d}_{case_id}.png")))
-            captions.append(case_id)
+        for case_id, data, kind in drawn:
+            title = f"{case_id} ({when}{', a worst case' if kind else ''})"
+            figure = draw_overlay(data, title, self._dice.get(case_id))
+            paths.append(str(save_figure(figure, folder / f"{prefix}{kind}{case_id}.png")))
+            captions.append(f"{kind}{case_id}")
         rows = [[epoch, case_id, *np.round(dice, 6).tolist()] for case_id, dice in sorted(self._dice.items())]
         for logger in trainer.loggers:
             if isinstance(logger, WandbLogger):
