@@ -525,6 +525,23 @@ def _verify(data: bytes, entry: Mapping[str, Any], path: Path, member: str) -> N
 
 
 # ----------------------------------------------------------------------------------------------- predict
+def predict_pipelines(ensembles: dict[str, Any], cases: list, pred_dir: Path, merged_dir: Path | None,
+                      oof: bool = False) -> dict[str, Path]:
+    """Predict ``cases`` with each pipeline's Predictor (from run folders or a package) into
+    ``<pred_dir>/<name>``, then merge A and B into ``merged_dir`` (paper section 3.4; when given and both
+    exist); returns ``{name: folder}`` (with "merged"). Used by ``predict --model`` and ``ensemble.py``."""
+    from brats_lightning.inference.merge import merge_folders
+
+    folders: dict[str, Path] = {}
+    for name, predictor in ensembles.items():
+        folders[name] = pred_dir / name
+        predictor.predict(cases, folders[name], oof=oof)
+    if merged_dir is not None and {"A", "B"} <= set(folders):
+        merge_folders(folders["A"], folders["B"], merged_dir)
+        folders["merged"] = merged_dir
+    return folders
+
+
 def predict_package(
     package: ModelPackage,
     data: str | Path,
@@ -551,7 +568,6 @@ def predict_package(
         One record per case: the final label map, the seconds spent on it (all pipelines).
     """
     from brats_lightning.data.layout import find_cases
-    from brats_lightning.inference.ensemble import predict_pipelines
     from brats_lightning.inference.predictor import PredictOptions, Predictor
     from brats_lightning.predictions import read_manifest, write_manifest
 

@@ -73,22 +73,6 @@ def results_table(results: dict[str, dict[str, float]]):
     return table
 
 
-def predict_pipelines(ensembles: dict[str, Any], cases: list, pred_dir: Path, merged_dir: Path | None,
-                      oof: bool = False) -> dict[str, Path]:
-    """Predict ``cases`` with each pipeline's Predictor into ``<pred_dir>/<name>``, then merge A and B into
-    ``merged_dir`` (when given and both exist); returns ``{name: folder}`` (with "merged")."""
-    from brats_lightning.inference.merge import merge_folders
-
-    folders: dict[str, Path] = {}
-    for name, predictor in ensembles.items():
-        folders[name] = pred_dir / name
-        predictor.predict(cases, folders[name], oof=oof)
-    if merged_dir is not None and {"A", "B"} <= set(folders):
-        merge_folders(folders["A"], folders["B"], merged_dir)
-        folders["merged"] = merged_dir
-    return folders
-
-
 def _run_ensembles(runs_dir: Path, pipelines: dict, options: Any) -> dict[str, Any]:
     """Each pipeline's Predictor over its runs under ``runs_dir``, chosen before anything is predicted."""
     from brats_lightning.inference.predictor import Predictor
@@ -141,6 +125,7 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
 
     from brats_lightning.data.layout import find_cases
     from brats_lightning.inference.predictor import PredictOptions
+    from brats_lightning.package import predict_pipelines
 
     runs_dir, data = Path(cfg.runs), Path(cfg.dataset)
     pred_dir, eval_dir = Path(cfg.pred_dir), Path(cfg.eval_dir)

@@ -130,3 +130,38 @@ def test_ensemble_out_of_fold_on_a_partial_sweep(tiny_run_factory, tiny_dataset)
     assert scored == sorted(FOLD_VAL[0])
     assert sorted(p.name for p in (runs / "oof" / "predictions" / "merged").glob("*.nii.gz")) == [
         f"{c}.nii.gz" for c in sorted(FOLD_VAL[0])]
+
+
+@pytest.mark.slow
+def test_ensemble_script_from_a_model_package(tiny_run_factory, tiny_dataset, tmp_path):
+    """`python ensemble.py model=model.zip` (what `make ensemble ARGS="model=model.zip ..."` runs): the
+    package's pipelines only (here B), the same label maps as predicting from its runs, scored; oof=true
+    refused."""
+    from brats_lightning.data.layout import find_cases
+    from brats_lightning.errors import UserError
+    from brats_lightning.inference.predictor import PredictOptions, Predictor
+    from brats_lightning.package import export_package
+    from brats_lightning.runs import find_runs
+
+    tiny_run_factory(pipeline="B", model="equiunet", fold=0, seed=3, val_cases=FOLD_VAL[0])
+    root = tiny_run_factory.root
+    package = export_package(root, tmp_path / "model.zip", {"A": "none", "B": "all"}, tta="none")
+    tree = tmp_path / "tree"
+    predictor = Predictor(find_runs(root), PredictOptions(tta="none", device="cpu"))
+    predictor.predict(find_cases(tiny_dataset), tree)
+    out = tmp_path / "ens"
+    result = subprocess.run(
+        [sys.executable, "ensemble.py", f"model={package}", f"dataset={tiny_dataset}", f"out={out}",
+         "predict.device=cpu"],
+        cwd=REPO, env=dict(os.environ, WANDB_MODE="disabled"), capture_output=True, text=True, timeout=300,
+    )
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert "Ensemble results" in result.stdout
+    for case_id in ("case_000", "case_001", "case_002"):
+        name = f"{case_id}.nii.gz"
+        assert (out / "predictions" / "B" / name).read_bytes() == (tree / name).read_bytes()
+    assert not (out / "predictions" / "A").exists() and not (out / "predictions" / "merged").exists()
+    assert len(pd.read_csv(out / "B" / "cases.csv")) == 3
+    with pytest.raises(UserError, match="oof=true with package="):
+        run_ensemble(_compose([f"package={package}", f"dataset={tiny_dataset}", "oof=true",
+                               f"out={tmp_path / 'oof'}"]))
