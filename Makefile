@@ -38,6 +38,7 @@ demo: install  ## train A and B on synthetic data, ensemble, merge, score (< 10 
 
 # Pipeline A and B ensembles with TTA on a data set, their merge, and the scores when labels exist.
 # Paths come from conf/ensemble.yaml; override them: make ensemble ARGS="runs=outputs/default dataset=/path/to/val"
+# From a model package (brats-lightning export): make ensemble ARGS="model=model.zip dataset=/path/to/val"
 ensemble: install  ## ensemble pipelines A and B, merge them, evaluate (conf/ensemble.yaml)
 	$(BIN)/python ensemble.py $(ARGS)
 
