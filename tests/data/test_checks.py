@@ -156,3 +156,25 @@ def test_2023_label_4(synthetic_root_2023, tmp_path):
     (problem,) = check_dataset(root)
     assert problem.case == case_id and "seg holds label(s) [4]" in problem.message
     assert "brats2023 set (0, 1, 2, 3)" in problem.message and "relabel 4 -> 3" in problem.message
+    assert "if this is BraTS 2024 post-treatment glioma (4 = resection cavity)" in problem.message
+
+
+def test_training_set_with_some_segs_missing(synthetic_root, tmp_path, capsys, monkeypatch):
+    root = tmp_path / "data"
+    shutil.copytree(synthetic_root, root)
+    for case_id in ("BraTS20_Training_002", "BraTS20_Training_005"):
+        (root / case_id / f"{case_id}_seg.nii.gz").unlink()
+    problems = check_dataset(root, fast=True)
+    assert [(p.case, Path(p.file).name) for p in problems] == [
+        ("BraTS20_Training_002", "BraTS20_Training_002_seg.nii.gz"),
+        ("BraTS20_Training_005", "BraTS20_Training_005_seg.nii.gz")]
+    assert "seg missing (looked for BraTS20_Training_002_seg.nii.gz" in problems[0].message
+    assert "while 4 of the 6 cases have one" in problems[0].message
+    monkeypatch.setenv("COLUMNS", "250")
+    assert main(["check-data", str(root), "--fast", "--workers", "1"]) == 1
+    out = capsys.readouterr().out
+    assert "BraTS20_Training_002" in out and "BraTS20_Training_005" in out
+    for case_id in ("BraTS20_Training_001", "BraTS20_Training_003", "BraTS20_Training_004",
+                    "BraTS20_Training_006"):  # no seg anywhere: a validation set, fine
+        (root / case_id / f"{case_id}_seg.nii.gz").unlink()
+    assert check_dataset(root, fast=True) == []

@@ -183,3 +183,42 @@ def test_label_files_missing_seg_and_nothing_found(tmp_path):
         find_label_files(tmp_path / "empty")
     with pytest.raises(UserError, match="does not exist"):
         find_label_files(tmp_path / "nope")
+
+
+# ------------------------------------------------------------------- discovery bugs (issue 14) and data sets
+def test_stray_root_file_does_not_stop_the_scan(tmp_path):
+    make_case(tmp_path, "BraTS20_Training_001")
+    make_case(tmp_path, "BraTS20_Training_002")
+    (tmp_path / "BraTS20_Training_001_t1.nii.gz").touch()  # a copy left at the root
+    cases, issues = scan_dataset(tmp_path)
+    assert [c.case_id for c in cases] == ["BraTS20_Training_001", "BraTS20_Training_002"]
+    (issue,) = issues
+    assert issue.file == str(tmp_path / "BraTS20_Training_001_t1.nii.gz")
+    assert "stray file BraTS20_Training_001_t1.nii.gz at the data set root" in issue.message
+    with pytest.raises(DataLayoutError, match="stray file"):
+        find_cases(tmp_path)
+
+
+def test_nii_beside_nii_gz_is_a_problem(tmp_path):
+    folder = make_case(tmp_path, "BraTS-GLI-00001-000", SUFFIXES_2023, sep="-")
+    make_case(tmp_path, "BraTS-GLI-00002-000", SUFFIXES_2023, sep="-")
+    (folder / "BraTS-GLI-00001-000-t2f.nii").touch()
+    cases, issues = scan_dataset(tmp_path)
+    assert [c.case_id for c in cases] == ["BraTS-GLI-00002-000"]  # no silent pick
+    (issue,) = issues
+    assert issue.case == "BraTS-GLI-00001-000"
+    assert ("flair found twice (BraTS-GLI-00001-000-t2f.nii and BraTS-GLI-00001-000-t2f.nii.gz in "
+            in issue.message) and "expected one file per modality" in issue.message
+
+
+def test_cases_carry_their_data_set(tmp_path):
+    make_case(tmp_path, "BraTS-MEN-00004-000", SUFFIXES_2023, sep="-")
+    make_case(tmp_path, "BraTS2021_00010")
+    cases = {c.case_id: c for c in find_cases(tmp_path)}
+    assert cases["BraTS-MEN-00004-000"].dataset.name == "brats2023-men"
+    assert cases["BraTS2021_00010"].dataset.name == "brats2021"
+    assert cases["BraTS2021_00010"].convention == BRATS2020
+    (tmp_path / "dataset.json").write_text('{"dataset": "brats2024-gli"}')
+    cases, issues = scan_dataset(tmp_path)  # declared: the 2020-style case does not fit
+    assert [c.dataset.name for c in cases] == ["brats2024-gli"]
+    assert [i.case for i in issues] == ["BraTS2021_00010"]
