@@ -383,9 +383,10 @@ def test_sigkill_leaves_the_old_or_the_new_output(dataset: tuple[Path, Path], tm
         else:  # the new output, every file of it
             assert json.loads(files["evaluation.json"])["label"] == "new", point
         outcomes[point] = "new" if is_new else "old"
-        evaluate_folder(pred_dir, gt_dir, out, label="old", missing="empty")  # back to the old output
-        old = {name: (out / name).read_bytes() for name in OUTPUT_FILES}
-        leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".eval.")]
-        assert leftovers == [], (point, leftovers)  # a later run clears a killed run's temporary folder
+        for name, content in old.items():  # back to the old output for the next point
+            (out / name).write_bytes(content)
     assert outcomes == {"after_cases_csv": "old", "after_boxplots": "old", "before_swap": "old",
                         "after_swap": "new"}
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".eval.")]  # the killed runs' folders
+    evaluate_folder(pred_dir, gt_dir, out, label="again", missing="empty")
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".eval.")] == []  # cleared by a new run

@@ -8,10 +8,15 @@ import os
 import statistics
 from pathlib import Path
 
+import nibabel as nib
+import numpy as np
 import pandas as pd
 import pytest
 
 from brats_lightning.cli import main
+from brats_lightning.errors import UserError
+from brats_lightning.evaluate import evaluate_folder
+from brats_lightning.lesionwise import LESION_KEYS
 from brats_lightning.reports import CSV_COLUMNS, cv_report
 
 
@@ -98,10 +103,10 @@ def test_cv_report_table(outputs: Path, tmp_path: Path, caplog: pytest.LogCaptur
     assert oof["hd95_et_mean"] == pytest.approx((2 + 4 + 373.13) / 3)
 
     markdown = (tmp_path / "report" / "cv_report.md").read_text()
-    assert "| Dice: mean(std) | ET | WT | TC | mean | folds |" in markdown
-    # paper column order ET, WT, TC: 0.7500 (0.050), 0.9000 (0.020), 0.8500 (0.010); mean of the three 0.8333
-    assert "| A / unet | 0.7500 (0.050) | 0.9000 (0.020) | 0.8500 (0.010) | 0.8333 | 3 (0,1,2) |" in markdown
-    assert "| B / equiunet | 0.7200 (-) | 0.9100 (-) | 0.8300 (-) | 0.8200 | 1 (0) |" in markdown
+    assert "| Dice: mean(std) | ET | TC | WT | mean | folds |" in markdown
+    # region order ET, TC, WT: 0.7500 (0.050), 0.8500 (0.010), 0.9000 (0.020); mean of the three 0.8333
+    assert "| A / unet | 0.7500 (0.050) | 0.8500 (0.010) | 0.9000 (0.020) | 0.8333 | 3 (0,1,2) |" in markdown
+    assert "| B / equiunet | 0.7200 (-) | 0.8300 (-) | 0.9100 (-) | 0.8200 | 1 (0) |" in markdown
     # Dice ET over cases 0.9, 0.6, 0.0: mean 0.5, sample std sqrt((0.16 + 0.01 + 0.25) / 2) = 0.458;
     # WT mean 0.9, TC mean 0.8: the mean of the three 0.7333
     assert "| merged | 3 | 0.5000 (0.458) |" in markdown and "| 0.7333 |" in markdown
@@ -124,5 +129,58 @@ def test_cli_writes_into_outputs_by_default(outputs: Path, capsys: pytest.Captur
 
 def test_empty_outputs_is_an_error(tmp_path: Path) -> None:
     (tmp_path / "empty").mkdir()
-    with pytest.raises(FileNotFoundError, match="no run.json"):
+    with pytest.raises(UserError, match="no run.json"):
         cv_report(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("content", ["", "case,dice_et\n\"a,0.5\n"])
+def test_corrupt_cases_csv_names_the_file(outputs: Path, content: str, capsys: pytest.CaptureFixture[str]
+                                          ) -> None:
+    path = outputs / "oof" / "merged" / "cases.csv"
+    path.write_text(content)
+    assert main(["cv-report", str(outputs)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "rerun `brats-lightning evaluate" in err and "Traceback" not in err
+
+
+def test_corrupt_run_json_names_the_file(outputs: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    path = next(outputs.rglob("run.json"))
+    path.write_text('{"pipeline": "A", ')
+    assert main(["cv-report", str(outputs)]) == 2
+    err = capsys.readouterr().err
+    assert str(path) in err and "not valid JSON" in err and "Traceback" not in err
+
+
+def _label_map(path: Path, labels: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(labels, np.eye(4)), path)
+
+
+def test_lesion_wise_columns_from_out_of_fold_predictions(tmp_path: Path) -> None:
+    """cv-report --rules: the lesion-wise means of an out-of-fold evaluation scored by evaluate --rules."""
+    outputs, gt_dir, pred_dir = tmp_path / "outputs", tmp_path / "labels", tmp_path / "pred"
+    gt = np.zeros((30, 20, 20), np.uint8)
+    gt[2:6, 2:6, 2:6] = 3  # 64 voxels: a lesion in every region
+    gt[20:24, 2:6, 2:6] = 3  # a second lesion, 14 voxels away
+    pred = gt.copy()
+    pred[20:24] = 0  # the second lesion missed
+    for case_id in ("BraTS-GLI-00001-000", "BraTS-GLI-00002-000"):
+        _label_map(gt_dir / f"{case_id}-seg.nii.gz", gt)
+        _label_map(pred_dir / f"{case_id}.nii.gz", pred if case_id.endswith("1-000") else gt)
+    evaluate_folder(pred_dir, gt_dir, outputs / "oof" / "merged", rules="brats2023-gli")
+    with pytest.raises(UserError, match=r"scored with --rules brats2023-gli.*not brats2023-met.*--rules "
+                                        r"brats2023-met --out"):
+        cv_report(outputs, rules="brats2023-met")
+    table = cv_report(outputs, rules="brats2023-gli").set_index("label")
+    # case 1: (1 + 0) / 2 lesions -> 0.5, HD95 (0 + 374) / 2 = 187; case 2: 1 and 0; over cases 0.75, 93.5
+    assert table.loc["merged", "lw_dice_et_mean"] == pytest.approx(0.75)
+    assert table.loc["merged", "lw_hd95_wt_mean"] == pytest.approx(93.5)
+    markdown = (outputs / "cv_report.md").read_text()
+    assert markdown.index("lesion-wise evaluation (brats2023-gli)") < markdown.index("Out-of-fold evaluation")
+    assert "| merged | 2 | 0.7500 (0.354) | 0.7500 (0.354) | 0.7500 (0.354) | 93.50 (132.2) |" in markdown
+    (outputs / "oof" / "merged" / "evaluation.json").unlink()
+    (outputs / "oof" / "plain").mkdir()
+    pd.read_csv(outputs / "oof" / "merged" / "cases.csv").drop(columns=list(LESION_KEYS)).to_csv(
+        outputs / "oof" / "plain" / "cases.csv", index=False)
+    with pytest.raises(UserError, match=r"plain/cases.csv: columns \['lw_dice_et'.*--rules brats2023-gli"):
+        cv_report(outputs, rules="brats2023-gli")
