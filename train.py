@@ -235,6 +235,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, env_mode: str | None) -> dict[
         hpc_checkpoints,
         resume_checkpoint,
     )
+    from brats_lightning.memory import check_job, network_config
     from brats_lightning.module import BratsModule
     from brats_lightning.precision import resolve_precision, runs_on_cpu
     from brats_lightning.runs import (
@@ -286,6 +287,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, env_mode: str | None) -> dict[
                          logger=loggers or False,
                          plugins=[AtomicCheckpointIO(), *cluster_plugins()], default_root_dir=str(run_dir))
     check_launch(trainer)  # refuses Hydra multirun + Lightning-spawned DDP ranks (docs/cluster.md)
+    check_job(cfg, trainer, datamodule)  # memory plan vs free memory: refuse now, not an hour in
     for logger in loggers:
         logger.log_hyperparams(resolved)
     if ckpt_path is not None:
@@ -323,7 +325,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, env_mode: str | None) -> dict[
             "name": cfg.name,
             "normalization": datamodule.cache.normalization,
             "channels": list(MODALITIES),
-            "model_config": OmegaConf.to_container(cfg.model, resolve=True),
+            "model_config": network_config(OmegaConf.to_container(cfg.model, resolve=True))[0],
             "checkpoints": {
                 "best": str(best_path) if best_path is not None and best_path.is_file() else None,
                 "last": str(last_path) if last_path.is_file() else None,

@@ -23,6 +23,7 @@ from brats_lightning.data.augment import BatchAugment
 from brats_lightning.data.labels import REGIONS
 from brats_lightning.data.preprocess import Box
 from brats_lightning.losses import DeepSupervisionLoss, DiceLoss
+from brats_lightning.memory import build_network
 from brats_lightning.metrics import case_metrics, region_dice
 from brats_lightning.optim import build_optimizer, build_scheduler
 from brats_lightning.speed import (
@@ -82,7 +83,7 @@ class BratsModule(pl.LightningModule):
         self.speed_config = SpeedConfig.from_mapping(speed)
         self.save_hyperparameters(
             {"model_config": model_config, "pipeline": pipeline, "validation": validation, "speed": speed})
-        self.net = hydra.utils.instantiate(model_config)
+        self.net = build_network(model_config)  # model.checkpointing: brats_lightning.memory
         loss = pipeline["loss"]  # deep_reduction / val_deep_supervision: docs/fidelity.md (authors' code)
         self.loss = DeepSupervisionLoss(DiceLoss(squared=bool(loss["squared"])),
                                         reduction=loss.get("deep_reduction", "sum"))

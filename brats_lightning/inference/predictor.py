@@ -38,6 +38,7 @@ import torch
 from brats_lightning.errors import UserError
 from brats_lightning.inference.tta import get_views, iter_view_probabilities
 from brats_lightning.inference.uncertainty import UNCERTAINTY_KINDS, RunningStats, uncertainty_maps
+from brats_lightning.memory import check_inference_fits
 from brats_lightning.precision import resolve_amp_dtype, resolve_device
 from brats_lightning.runs import Run, check_compatible, find_runs, load_network, select_runs
 from brats_lightning.speed import InferenceNet, resolve_speed
@@ -235,6 +236,9 @@ class Predictor:
         start = time.perf_counter()
         pre = preprocess_case(case, self.normalization)
         images = pre.images[self.channels]
+        check_inference_fits([r.info["model_config"] for r in self.runs], pre.box.shape,  # refuse, not OOM
+                             min(self.options.view_batch_size, len(self.views)), self.amp_dtype, self.device,
+                             case.case_id)
         want_std = self.options.uncertainty and self.options.uncertainty_kind == "std"
         mean, std, members = predict_probabilities(
             images, nets, self.views, self.options.view_batch_size, self.device, self.amp_dtype, want_std)
