@@ -7,19 +7,26 @@ BratsModule` applies the plan in ``configure_model`` (before the optimizer exist
 cuDNN choice to the Trainer and sets the thread count. What ``auto`` picks, and why (docs/method.md "Measured
 anchors"; benchmarks/RESULTS.md; docs/performance.md):
 
-- ``memory_format``: ``channels_last_3d`` (NDHWC) on CPU, where oneDNN's 3D convolutions run faster with it
-  for the demo U-Nets in fp32 and bf16; ``contiguous`` on CUDA, where it made the H200 step slower (60 vs
-  42 ms compiled, 106 vs 82 ms eager), and on other devices.
+- ``memory_format``: on the CPU it depends on the precision and the CPU's vector ISA
+  (``torch.backends.cpu.get_cpu_capability()``, :func:`cpu_memory_format`): ``channels_last_3d`` (NDHWC) for
+  bf16 and for fp32 on AVX512 CPUs (measured on a bf16 Xeon: faster oneDNN 3D convolutions), and for fp32
+  inference on AVX2; ``contiguous`` for fp32 training on AVX2 and other CPUs (no gain measured on an AVX2
+  AMD EPYC). ``contiguous`` on CUDA, where channels_last_3d made the H200 step slower (60 vs 42 ms compiled,
+  106 vs 82 ms eager), and on other devices.
 - ``contiguous_norms``: with channels_last_3d on CPU, GroupNorm / InstanceNorm run on contiguous copies
   (forward hooks, :func:`set_contiguous_norms`): the channels-last GroupNorm kernel is up to 19x slower in
-  bf16 (8 channels, 64^3, forward + backward), enough to make channels_last_3d a loss for pipeline A.
+  bf16 (8 channels, 64^3, forward + backward), enough to make channels_last_3d a loss for pipeline A. Off for
+  fp32 inference, where the two copies per norm layer cost more than the native channels-last norm.
 - ``cudnn_benchmark``: on for CUDA (one autotuning pass per input shape; training crops have one shape),
   off elsewhere and whenever the trainer is deterministic.
 - ``compile``: ``torch.compile`` of the network's training forward on CUDA (docs/method.md: 82 -> 42 ms per
   w=48 step in fp16); off on CPU, where the compilation time (minutes on 2 cores) outweighs what a
   few-minute demo gains.
-- ``num_threads``: left to torch (one per core) unless set; 1 is far faster when several trainings share
-  the cores (OpenMP regions wait for descheduled threads).
+- ``num_threads``: left to torch (one per core) unless set; ``auto`` counts the cores free at start
+  (:func:`free_cores`: the CPUs this process may use, less the cores' worth of CPU time other processes
+  spent in a short ``/proc/stat`` sample) and uses that many. Threads on busy cores are far slower (OpenMP
+  regions wait for descheduled threads: 6x at load 4.5, docs/performance.md); :func:`apply_threads` logs
+  one line with the count and, when torch's default meets busy cores, how to set it.
 
 Not provided, on purpose: a fused GroupNorm/InstanceNorm + ReLU layer (eager PyTorch has no fused kernel to
 call; ReLU is 1-3% of a CPU demo step, and a Python ``autograd.Function`` would still make the same memory
@@ -36,8 +43,10 @@ from __future__ import annotations
 import copy
 import dataclasses
 import logging
+import os
 import shutil
-from collections.abc import Callable, Mapping
+import time
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -80,8 +89,9 @@ class SpeedConfig:
             channels_last_3d network, run GroupNorm / InstanceNorm on contiguous copies (forward hooks;
             parameters and checkpoints unchanged). oneDNN's channels-last GroupNorm is up to 19x slower than
             the contiguous kernel in bf16 on the CPU, which made channels_last_3d a loss for pipeline A.
-        num_threads: torch CPU threads for training (None: torch's default, one per core). 1 is much faster
-            when several trainings share the cores: OpenMP regions then wait for descheduled threads.
+        num_threads: torch CPU threads for training: None (torch's default, one per core), "auto" (the cores
+            free at start, :func:`free_cores`) or a count. 1 is much faster when several trainings share the
+            cores: OpenMP regions then wait for descheduled threads.
     """
 
     memory_format: str = AUTO
@@ -90,7 +100,7 @@ class SpeedConfig:
     compile_mode: str | None = None
     compile_dynamic: bool | None = False
     contiguous_norms: bool | str = AUTO
-    num_threads: int | None = None
+    num_threads: int | str | None = None
 
     def __post_init__(self) -> None:
         if self.memory_format != AUTO and self.memory_format not in MEMORY_FORMATS:
@@ -99,8 +109,12 @@ class SpeedConfig:
         object.__setattr__(self, "cudnn_benchmark", _auto_or_bool("cudnn_benchmark", self.cudnn_benchmark))
         object.__setattr__(self, "compile", _auto_or_bool("compile", self.compile))
         object.__setattr__(self, "contiguous_norms", _auto_or_bool("contiguous_norms", self.contiguous_norms))
-        if self.num_threads is not None and (isinstance(self.num_threads, bool) or int(self.num_threads) < 1):
-            raise ValueError(f"speed.num_threads={self.num_threads!r}: expected null or a positive integer")
+        threads = self.num_threads
+        if isinstance(threads, str) and threads.lower() == AUTO:
+            object.__setattr__(self, "num_threads", AUTO)
+        elif threads is not None and (isinstance(threads, bool) or not str(threads).isdigit()
+                                      or int(threads) < 1):
+            raise ValueError(f"speed.num_threads={threads!r}: expected null, auto or a positive integer")
         if self.compile_mode not in COMPILE_MODES:
             raise ValueError(f"speed.compile_mode={self.compile_mode!r}: expected null or one of "
                              f"{[m for m in COMPILE_MODES if m]} (torch.compile modes)")
@@ -133,7 +147,10 @@ class SpeedPlan:
         compile_mode: ``torch.compile`` mode.
         compile_dynamic: ``torch.compile`` ``dynamic``.
         contiguous_norms: run the norm layers of a channels_last_3d network on contiguous copies.
-        num_threads: torch CPU threads (None: leave torch's setting).
+        num_threads: torch CPU threads (None: leave torch's setting; "auto": the cores free when
+            :func:`apply_threads` runs).
+        inference: resolved for inference (no backward: no norm hooks are needed for InstanceNorm's
+            channels-last backward).
         reasons: switch -> why it has its value (logged once).
     """
 
@@ -145,7 +162,8 @@ class SpeedPlan:
     compile_mode: str | None = None
     compile_dynamic: bool | None = False
     contiguous_norms: bool = False
-    num_threads: int | None = None
+    num_threads: int | str | None = None
+    inference: bool = False
     reasons: tuple[tuple[str, str], ...] = ()
 
     @property
@@ -169,11 +187,45 @@ def has_cxx_compiler() -> bool:
     return any(shutil.which(c) for c in ("g++", "c++", "clang++"))
 
 
+HALF_CPU_PRECISIONS = ("bf16-mixed", "bf16", "bf16-true", "16-mixed", "16", "16-true")
+"""Lightning precisions that compute in a 16-bit type (on the CPU: bf16)."""
+
+
+def cpu_memory_format(precision: str, capability: str, inference: bool = False) -> tuple[str, str]:
+    """``auto``'s memory format on the CPU, and why, from what was measured per precision and vector ISA.
+
+    Measured (docs/performance.md, benchmarks/RESULTS.md; EquiUnet w=8, 64^3 training crops, 80x96x80
+    inference boxes): on a bf16 Xeon (AVX512 with native bf16), channels_last_3d with contiguous norms made
+    the bf16 training step 1.22x (pipeline A) / 1.35x (B) faster, fp32 1.11x (A), and bf16 inference 1.22x;
+    on an AVX2 AMD EPYC (no native bf16, so fp32; 1 thread, CPU time), the fp32 training step 1.05x (A) /
+    1.33x (B, batch 3) faster, and fp32 inference with the native norms 1.12x. CPUs of other kinds (ARM,
+    no AVX2) were not measured: contiguous.
+
+    Args:
+        precision: the Lightning precision (or "fp32" / "bf16" for inference).
+        capability: ``torch.backends.cpu.get_cpu_capability()`` ("AVX2", "AVX512", "DEFAULT", ...).
+        inference: resolve for inference (forward only) instead of training.
+
+    Returns:
+        ("channels_last_3d" or "contiguous", the reason).
+    """
+    if precision in HALF_CPU_PRECISIONS or precision == "bf16":
+        return "channels_last_3d", "auto: bf16 on CPU, 1.22-1.35x faster on a bf16 Xeon (docs/performance.md)"
+    if capability.startswith("AVX512"):
+        return "channels_last_3d", f"auto: fp32 on {capability}, 1.11x faster on a Xeon (docs/performance.md)"
+    if capability == "AVX2":
+        gain = "inference 1.12x" if inference else "training A 1.05x, B 1.33x"
+        return "channels_last_3d", f"auto: fp32 on AVX2, {gain} faster on an AMD EPYC (docs/performance.md)"
+    return "contiguous", f"auto: not measured on a {capability} CPU"
+
+
 def resolve_speed(
     config: Mapping[str, Any] | SpeedConfig | None,
     device_type: str,
     precision: str | int = "32-true",
     deterministic: bool = False,
+    inference: bool = False,
+    cpu_capability: str | None = None,
 ) -> SpeedPlan:
     """Resolve the ``auto`` switches of ``config`` for ``device_type`` and ``precision``.
 
@@ -181,8 +233,11 @@ def resolve_speed(
         config: the ``speed`` config (None: defaults, i.e. everything ``auto``).
         device_type: where training runs ("cpu", "cuda", "mps", ...).
         precision: the Lightning precision that will be used (after the CPU fallback of
-            :func:`brats_lightning.precision.resolve_precision`).
+            :func:`brats_lightning.precision.resolve_precision`); for inference "fp32", "bf16" or "fp16".
         deterministic: the trainer's ``deterministic`` flag (cuDNN autotuning is then left off).
+        inference: resolve for inference (forward only: memory format and norms per :func:`cpu_memory_format`,
+            no InstanceNorm hooks).
+        cpu_capability: the CPU's vector ISA (None: ``torch.backends.cpu.get_cpu_capability()``).
 
     Returns:
         The plan, with a reason for every automatic choice.
@@ -195,11 +250,12 @@ def resolve_speed(
     reasons: list[tuple[str, str]] = []
 
     memory_format = cfg.memory_format
+    half = precision in HALF_CPU_PRECISIONS or precision in ("bf16", "fp16")
     if memory_format == AUTO:
         if device_type == "cpu":
-            memory_format = "channels_last_3d"
-            reasons.append(("memory_format", "auto: faster oneDNN Conv3d on CPU in fp32 and bf16 "
-                                             "(with contiguous norms), benchmarks/RESULTS.md"))
+            capability = cpu_capability or torch.backends.cpu.get_cpu_capability()
+            memory_format, why = cpu_memory_format(precision, capability, inference)
+            reasons.append(("memory_format", why))
         else:
             memory_format = "contiguous"
             why = ("auto: channels_last_3d slowed the H200 step (docs/performance.md)"
@@ -209,10 +265,11 @@ def resolve_speed(
 
     norms = cfg.contiguous_norms
     if norms == AUTO:
-        norms = memory_format == "channels_last_3d" and device_type == "cpu"
+        norms = memory_format == "channels_last_3d" and device_type == "cpu" and (half or not inference)
         if memory_format == "channels_last_3d":
             why = ("auto: channels-last GroupNorm is slow on CPU (bf16 up to 19x)" if norms
-                   else f"auto: not measured on {device_type}")
+                   else "auto: fp32 inference, the native norms are faster than the copies"
+                   if device_type == "cpu" else f"auto: not measured on {device_type}")
             reasons.append(("contiguous_norms", why))
 
     benchmark = cfg.cudnn_benchmark
@@ -239,8 +296,21 @@ def resolve_speed(
                      cudnn_benchmark=bool(benchmark), compile=bool(compiled), compile_mode=cfg.compile_mode,
                      compile_dynamic=cfg.compile_dynamic,
                      contiguous_norms=bool(norms) and memory_format == "channels_last_3d",
-                     num_threads=None if cfg.num_threads is None else int(cfg.num_threads),
-                     reasons=tuple(reasons))
+                     num_threads=cfg.num_threads if cfg.num_threads in (None, AUTO) else int(cfg.num_threads),
+                     inference=inference, reasons=tuple(reasons))
+
+
+AMP_NAMES = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
+"""Autocast dtype (None: none) -> the precision name of an inference plan."""
+
+
+def inference_plan(device_type: str, amp_dtype: torch.dtype | None,
+                   config: Mapping[str, Any] | None = None) -> SpeedPlan:
+    """The speed plan for inference under ``amp_dtype`` autocast (docs/method.md Inference): ``auto``
+    resolved for a forward-only network, never compiled unless ``config`` says so (every case has its own
+    brain-box shape)."""
+    return resolve_speed({"compile": False, **(config or {})}, device_type, AMP_NAMES[amp_dtype],
+                         inference=True)
 
 
 NORM_TYPES = (nn.GroupNorm, nn.InstanceNorm1d, nn.InstanceNorm2d, nn.InstanceNorm3d)
@@ -307,21 +377,95 @@ def convert_module(net: nn.Module, plan: SpeedPlan) -> nn.Module:
     hooks (in place; returns ``net``).
 
     With channels_last_3d, the hooks go on every norm layer when ``plan.contiguous_norms`` is on, and on the
-    InstanceNorm layers in any case: their CPU backward is wrong for channels-last gradients at batch size 1
-    (torch 2.13), and the hooks hand them contiguous ones. Parameters keep their identity (``Module.to``
-    replaces ``.data``), so an existing optimizer still works.
+    InstanceNorm layers in any case for training: their CPU backward is wrong for channels-last gradients at
+    batch size 1 (torch 2.13), and the hooks hand them contiguous ones (inference has no backward).
+    Parameters keep their identity (``Module.to`` replaces ``.data``), so an existing optimizer still works.
     """
     net.to(memory_format=plan.torch_memory_format)
     channels_last = plan.memory_format == "channels_last_3d"
-    set_contiguous_norms(net, channels_last, NORM_TYPES if plan.contiguous_norms else INSTANCE_NORMS)
+    types = NORM_TYPES if plan.contiguous_norms else () if plan.inference else INSTANCE_NORMS
+    set_contiguous_norms(net, channels_last and bool(types), types)
     return net
 
 
-def apply_threads(plan: SpeedPlan) -> int:
-    """Set torch's CPU thread count to ``plan.num_threads`` (when set); returns the previous count."""
+PROC_STAT = "/proc/stat"
+
+
+def _cpu_times(cpus: Collection[int]) -> dict[int, tuple[int, int]] | None:
+    """(busy, total) jiffies of each CPU in ``cpus`` from /proc/stat (Linux); None where it is unreadable."""
+    try:
+        lines = open(PROC_STAT).read().splitlines()  # noqa: SIM115 (a one-shot read)
+    except OSError:
+        return None
+    times = {}
+    for line in lines:
+        name, *fields = line.split()
+        if name.startswith("cpu") and name[3:].isdigit() and int(name[3:]) in cpus:
+            # user nice system idle iowait irq softirq steal (guest time is already counted in user)
+            values = [int(v) for v in fields[:8]]
+            idle = values[3] + values[4]
+            times[int(name[3:])] = (sum(values) - idle, sum(values))
+    return times or None
+
+
+def busy_cores(cpus: Collection[int], seconds: float = 0.5) -> float:
+    """Cores' worth of CPU time that processes spent on ``cpus`` over ``seconds`` (/proc/stat samples;
+    where /proc/stat is unreadable, the 1-minute load average, at most ``len(cpus)``)."""
+    before = _cpu_times(cpus)
+    if before is None:
+        load = os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+        return min(float(load), float(len(cpus)))
+    time.sleep(seconds)
+    after = _cpu_times(cpus) or before
+    busy = 0.0
+    for cpu, (busy0, total0) in before.items():
+        busy1, total1 = after.get(cpu, (busy0, total0))
+        if total1 > total0:
+            busy += (busy1 - busy0) / (total1 - total0)
+    return busy
+
+
+def usable_cpus() -> set[int]:
+    """The CPUs this process may run on (its affinity; every CPU where affinity is unsupported)."""
+    if hasattr(os, "sched_getaffinity"):
+        return set(os.sched_getaffinity(0))
+    return set(range(os.cpu_count() or 1))
+
+
+def free_cores(seconds: float = 0.5) -> tuple[int, int, float]:
+    """(free, usable, busy) cores: the usable CPUs less what other processes keep busy (at least 1 free).
+
+    A core counts as free when less than half of it is busy: ``max(1, floor(usable - busy + 0.5))``.
+    """
+    cpus = usable_cpus()
+    busy = busy_cores(cpus, seconds)
+    return max(1, int(len(cpus) - busy + 0.5)), len(cpus), busy
+
+
+def apply_threads(plan: SpeedPlan, seconds: float = 0.5) -> int:
+    """Set torch's CPU thread count for ``plan`` and log one line saying what was chosen; returns the
+    previous count.
+
+    ``plan.num_threads``: a count is set as it is; ``"auto"`` samples the free cores (:func:`free_cores`) and
+    uses that many; None leaves torch's count (one per core), with a warning when fewer cores are free.
+    """
     previous = torch.get_num_threads()
-    if plan.num_threads is not None:
+    if isinstance(plan.num_threads, int):
         torch.set_num_threads(plan.num_threads)
+        log.info("threads: %d (speed.num_threads=%d)", plan.num_threads, plan.num_threads)
+        return previous
+    free, usable, busy = free_cores(seconds)
+    seen = f"{free} of {usable} usable core(s) free at start ({busy:.1f} busy over {seconds:g} s)"
+    if plan.num_threads == AUTO:
+        torch.set_num_threads(free)
+        log.info("threads: %s -> torch uses %d thread(s) (speed.num_threads=auto); set speed.num_threads=N "
+                 "for a fixed count (results depend on it)", seen, free)
+    elif free < previous:
+        log.warning("threads: %s, torch uses %d: threads on busy cores wait for each other (up to 6x "
+                    "slower, docs/performance.md); set speed.num_threads=%d or speed.num_threads=auto", seen,
+                    previous, free)
+    else:
+        log.info("threads: %s, torch uses %d (speed.num_threads=N to change it)", seen, previous)
     return previous
 
 

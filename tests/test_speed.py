@@ -10,7 +10,12 @@ from __future__ import annotations
 import copy
 import functools
 import json
+import logging
+import os
 import shutil
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -101,10 +106,10 @@ def assert_as_close_as_plain(fast: tuple, plain: tuple, reference: tuple) -> Non
 
 # ------------------------------------------------------------------------------------------ resolution
 def test_auto_choices_per_device() -> None:
-    cpu = speed.resolve_speed(None, "cpu", "32-true")
+    cpu = speed.resolve_speed(None, "cpu", "32-true", cpu_capability="AVX2")
     assert (cpu.memory_format, cpu.cudnn_benchmark, cpu.compile) == ("channels_last_3d", False, False)
     assert cpu.contiguous_norms and cpu.num_threads is None
-    cpu_bf16 = speed.resolve_speed(None, "cpu", "bf16-mixed")
+    cpu_bf16 = speed.resolve_speed(None, "cpu", "bf16-mixed", cpu_capability="AVX512")
     assert cpu_bf16.memory_format == "channels_last_3d"
     cuda = speed.resolve_speed({}, "cuda", "16-mixed")
     assert (cuda.memory_format, cuda.cudnn_benchmark, cuda.compile) == ("contiguous", True, True)
@@ -118,6 +123,35 @@ def test_auto_choices_per_device() -> None:
     assert set(reasons) == {"memory_format", "cudnn_benchmark", "compile"}
     assert "docs/method.md" in reasons["compile"]
     assert "memory_format=contiguous" in cuda.describe() and "compile=True (mode default)" in cuda.describe()
+
+
+@pytest.mark.parametrize(("precision", "capability", "inference", "expected"), [
+    ("bf16-mixed", "AVX512", False, ("channels_last_3d", True)),   # bf16 Xeon: 1.22x (A), 1.35x (B)
+    ("bf16", "AVX512", True, ("channels_last_3d", True)),          # bf16 inference 1.22x; GN 19x slower
+    ("32-true", "AVX512", False, ("channels_last_3d", True)),      # fp32 Xeon: 1.11x (A)
+    ("32-true", "AVX2", False, ("channels_last_3d", True)),        # AMD EPYC fp32: A 1.05x, B 1.33x
+    ("fp32", "AVX2", True, ("channels_last_3d", False)),           # fp32 inference: native norms, 1.12x
+    ("fp32", "AVX512", True, ("channels_last_3d", False)),
+    ("32-true", "DEFAULT", False, ("contiguous", False)),          # not measured (ARM, no AVX2)
+    ("fp32", "DEFAULT", True, ("contiguous", False)),
+])
+def test_auto_memory_format_per_cpu_capability_and_precision(precision, capability, inference, expected):
+    plan = speed.resolve_speed(None, "cpu", precision, inference=inference, cpu_capability=capability)
+    assert (plan.memory_format, plan.contiguous_norms) == expected
+    why = dict(plan.reasons)["memory_format"]
+    assert (capability in why or "bf16" in why or "not measured" in why) and why.startswith("auto")
+    assert plan.inference is inference
+
+
+def test_inference_plan_follows_the_autocast_dtype(monkeypatch) -> None:
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    fp32 = speed.inference_plan("cpu", None)
+    assert (fp32.precision, fp32.memory_format, fp32.contiguous_norms, fp32.compile, fp32.inference) == (
+        "fp32", "channels_last_3d", False, False, True)
+    assert speed.inference_plan("cpu", torch.bfloat16).contiguous_norms
+    assert speed.inference_plan("cpu", None, {"memory_format": "contiguous"}).memory_format == "contiguous"
+    cuda = speed.inference_plan("cuda", torch.float16)
+    assert (cuda.memory_format, cuda.compile) == ("contiguous", False)
 
 
 def test_explicit_values_win_over_auto() -> None:
@@ -223,8 +257,81 @@ def test_apply_threads_sets_and_reports_the_previous_count() -> None:
     try:
         assert speed.apply_threads(speed.resolve_speed({"num_threads": 1}, "cpu")) == before
         assert torch.get_num_threads() == 1
-        assert speed.apply_threads(speed.resolve_speed({}, "cpu")) == 1 and torch.get_num_threads() == 1
+        assert speed.apply_threads(speed.resolve_speed({}, "cpu"), 0.05) == 1 and torch.get_num_threads() == 1
     finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize(("value", "expected"), [("auto", "auto"), ("AUTO", "auto"), (2, 2), ("3", 3),
+                                                 (None, None)])
+def test_num_threads_values(value, expected) -> None:
+    assert speed.resolve_speed({"num_threads": value}, "cpu").num_threads == expected
+
+
+def _write_stat(path: Path, jiffies: dict[int, tuple[int, int]]) -> None:
+    """A /proc/stat with (busy, idle) jiffies per CPU: busy as user time, idle split into idle + iowait."""
+    lines = ["cpu  0 0 0 0 0 0 0 0 0 0"]
+    lines += [f"cpu{c} {b} 0 0 {i - i // 2} {i // 2} 0 0 0 0 0" for c, (b, i) in jiffies.items()]
+    path.write_text("\n".join([*lines, "intr 0", "ctxt 0"]) + "\n")
+
+
+def test_busy_cores_from_two_proc_stat_samples(tmp_path, monkeypatch) -> None:
+    """Hand-worked: CPU 0 busy 90 of 100 jiffies, CPU 1 busy 10 of 100, CPU 2 (not usable) ignored."""
+    stat = tmp_path / "stat"
+    monkeypatch.setattr(speed, "PROC_STAT", str(stat))
+    _write_stat(stat, {0: (1000, 5000), 1: (2000, 4000), 2: (0, 0)})
+    monkeypatch.setattr(speed.time, "sleep", lambda s: _write_stat(stat, {0: (1090, 5010), 1: (2010, 4090),
+                                                                          2: (100, 0)}))
+    assert speed.busy_cores({0, 1}) == pytest.approx(1.0)
+    monkeypatch.setattr(speed, "PROC_STAT", str(tmp_path / "missing"))  # no /proc: the load average
+    monkeypatch.setattr(speed.os, "getloadavg", lambda: (7.5, 0.0, 0.0))
+    assert speed.busy_cores({0, 1}) == 2.0
+
+
+@pytest.mark.parametrize(("usable", "busy", "free"), [(2, 0.1, 2), (2, 0.5, 2), (2, 0.6, 1), (2, 1.9, 1),
+                                                      (2, 2.0, 1), (8, 3.2, 5), (1, 0.0, 1)])
+def test_free_cores_rounding(monkeypatch, usable, busy, free) -> None:
+    monkeypatch.setattr(speed, "usable_cpus", lambda: set(range(usable)))
+    monkeypatch.setattr(speed, "busy_cores", lambda cpus, seconds: busy)
+    assert speed.free_cores() == (free, usable, busy)
+
+
+def _busy_neighbour(cpu: int, seconds: float) -> subprocess.Popen:
+    """A process that spins on ``cpu`` for at most ``seconds``."""
+    code = (f"import os, time; os.sched_setaffinity(0, {{{cpu}}}); end = time.time() + {seconds}\n"
+            "while time.time() < end: pass")
+    return subprocess.Popen([sys.executable, "-c", code])
+
+
+@pytest.mark.skipif(not hasattr(os, "sched_setaffinity") or not Path("/proc/stat").exists(),
+                    reason="needs Linux CPU affinity and /proc/stat")
+def test_auto_threads_leave_a_core_held_by_a_busy_neighbour(caplog) -> None:
+    """A real busy loop on every usable CPU but one: ``auto`` then picks 1 thread (one log line)."""
+    cpus = sorted(speed.usable_cpus())
+    if len(cpus) < 2:
+        pytest.skip("needs 2 usable CPUs")
+    neighbours = [_busy_neighbour(cpu, 8.0) for cpu in cpus[1:]]
+    before = torch.get_num_threads()
+    try:
+        time.sleep(0.5)  # the neighbours are spinning
+        free, usable, busy = speed.free_cores(0.5)
+        assert usable == len(cpus) and busy >= len(cpus) - 1.5 and free == 1
+        with caplog.at_level(logging.INFO, logger="brats_lightning.speed"):
+            speed.apply_threads(speed.resolve_speed({"num_threads": "auto"}, "cpu"))
+        assert torch.get_num_threads() == 1
+        (line,) = [r.getMessage() for r in caplog.records if r.getMessage().startswith("threads:")]
+        assert f"1 of {len(cpus)} usable core(s) free" in line and "speed.num_threads=N" in line
+        caplog.clear()
+        torch.set_num_threads(len(cpus))
+        with caplog.at_level(logging.INFO, logger="brats_lightning.speed"):
+            speed.apply_threads(speed.resolve_speed({}, "cpu"))  # torch's default: a warning, no change
+        assert torch.get_num_threads() == len(cpus)
+        (record,) = [r for r in caplog.records if r.getMessage().startswith("threads:")]
+        assert record.levelname == "WARNING" and "speed.num_threads=1" in record.getMessage()
+    finally:
+        for process in neighbours:
+            process.kill()
+            process.wait()
         torch.set_num_threads(before)
 
 
@@ -281,15 +388,24 @@ def test_cudnn_benchmark_matches_the_plain_path(device: str) -> None:
     assert_same(results[1], results[0], 0.0 if device == "cpu" else 1e-4)
 
 
-def test_inference_net_matches_the_plain_network() -> None:
-    plain = make_module({}, width=4).net.eval()
-    fast = speed.InferenceNet(copy.deepcopy(plain), speed.resolve_speed(
-        {"memory_format": "channels_last_3d", "compile": False}, "cpu", "32-true")).eval()
+@pytest.mark.parametrize("pipeline", ["A", "B"])
+def test_inference_net_matches_the_plain_network(pipeline: str) -> None:
+    """The fp32 inference plan (channels_last_3d, native norms, no hooks at all) and the earlier one
+    (contiguous norm hooks) give the plain network's logits."""
+    plain = make_module({}, pipeline, width=4).net.eval()
     x = make_batch(16)["image"]
     with torch.no_grad():
-        expected, got = plain(x), fast(x)
-    assert fast.net.encoder1.block1.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
-    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+        expected = plain(x)
+    for norms in (False, True):
+        fast = speed.InferenceNet(copy.deepcopy(plain), speed.resolve_speed(
+            {"memory_format": "channels_last_3d", "compile": False, "contiguous_norms": norms}, "cpu", "fp32",
+            inference=True)).eval()
+        hooked = [m for m in fast.net.modules() if speed._HOOKS_ATTR in m.__dict__]
+        assert bool(hooked) is norms
+        with torch.no_grad():
+            got = fast(x)
+        assert fast.net.encoder1.block1.conv.weight.is_contiguous(memory_format=torch.channels_last_3d)
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
 
 
 class _Crops(torch.utils.data.Dataset):

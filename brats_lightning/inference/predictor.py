@@ -41,7 +41,7 @@ from brats_lightning.inference.uncertainty import UNCERTAINTY_KINDS, RunningStat
 from brats_lightning.memory import check_inference_fits
 from brats_lightning.precision import resolve_amp_dtype, resolve_device
 from brats_lightning.runs import Run, check_compatible, find_runs, load_network, select_runs
-from brats_lightning.speed import InferenceNet, resolve_speed
+from brats_lightning.speed import InferenceNet, inference_plan
 
 if TYPE_CHECKING:
     from brats_lightning.package import ModelPackage
@@ -206,9 +206,7 @@ class Predictor:
         self.views = get_views(self.options.tta)
         self.device = resolve_device(self.options.device)
         self.amp_dtype = resolve_amp_dtype(self.device, self.options.precision)
-        # channels_last_3d on the CPU (about 1.2x faster inference, benchmarks/RESULTS.md); never compiled:
-        # every case has its own brain-box shape
-        self.speed = resolve_speed({"compile": False}, self.device.type)
+        self.speed = inference_plan(self.device.type, self.amp_dtype)  # per CPU kind and precision
         if self.options.uncertainty_kind not in UNCERTAINTY_KINDS:
             raise ValueError(
                 f"uncertainty_kind={self.options.uncertainty_kind!r}; expected one of {UNCERTAINTY_KINDS}")

@@ -130,3 +130,33 @@ def test_grad_mode_is_restored_between_views():
     for _ in iter_view_probabilities(FirstThreeChannels(), image, VIEWS[:3], 1, None):
         modes.append((torch.is_grad_enabled(), torch.is_inference_mode_enabled()))
     assert modes == [(True, False)] * 3
+
+
+@pytest.mark.parametrize("norm", ["group", "instance"])
+def test_fast_inference_path_gives_the_earlier_probabilities(norm):
+    """The predictor's per-case path with the fp32 inference plan (channels_last_3d, native norms: issue 18)
+    gives the probabilities of the earlier plan (contiguous norm hooks), of contiguous weights, and of a
+    plain loop over the bare network, one view at a time, for every view batch size."""
+    import copy
+
+    import numpy as np
+
+    from brats_lightning.inference.predictor import predict_probabilities
+    from brats_lightning.models import EquiUnet
+    from brats_lightning.models.blocks import group_norm, instance_norm
+    from brats_lightning.speed import InferenceNet, inference_plan
+
+    torch.manual_seed(0)
+    bare = EquiUnet(width=4, norm=group_norm if norm == "group" else instance_norm).eval()
+    images = np.random.default_rng(0).standard_normal((4, 16, 24, 16), dtype=np.float32)
+    x = torch.from_numpy(images)[None]
+    views = (VIEWS[0], VIEWS[1], VIEWS[6], VIEWS[13])  # both view shapes, flips and turns
+    with torch.no_grad():
+        expected = sum(v.inverse(torch.sigmoid(bare(v.forward(x))[0])) for v in views) / len(views)
+    for config in ({}, {"contiguous_norms": True}, {"memory_format": "contiguous"}):
+        net = InferenceNet(copy.deepcopy(bare), inference_plan("cpu", None, config)).eval()
+        for view_batch in (1, 2):
+            mean, _, members = predict_probabilities(images, [net], views, view_batch, torch.device("cpu"),
+                                                     None)
+            assert members == len(views)
+            torch.testing.assert_close(torch.from_numpy(mean), expected, rtol=1e-5, atol=1e-6)
