@@ -281,3 +281,39 @@ def test_case_keys() -> None:
                               GLI)
     assert list(out)[-len(LESION_KEYS):] == list(LESION_KEYS)
     assert LESION_KEYS[:4] == ("lw_dice_et", "lw_dice_tc", "lw_dice_wt", "lw_hd95_et")
+
+
+@pytest.mark.slow
+def test_evaluate_rules_on_the_planted_corpus_equals_the_official_scorer(tmp_path) -> None:
+    """``brats-lightning evaluate --rules`` end to end: label-only 2023 ground truth, the official numbers."""
+    import nibabel as nib
+    import pandas as pd
+
+    from brats_lightning.cli import main
+
+    gt_dir, pred_dir = tmp_path / "labels", tmp_path / "pred"
+    for folder in (gt_dir, pred_dir):
+        folder.mkdir()
+    for index in range(4):
+        gt, pred, spacing = planted_case(index)
+        case_id = f"BraTS-GLI-{index:05d}-000"
+        files = ((gt, gt_dir / case_id / f"{case_id}-seg.nii.gz"), (pred, pred_dir / f"{case_id}.nii.gz"))
+        for data, path in files:
+            path.parent.mkdir(exist_ok=True)
+            image = nib.Nifti1Image(data, np.diag([*spacing, 1.0]))
+            image.header.set_zooms(spacing)
+            nib.save(image, path)
+    for rules in ("brats2023-gli", "brats2023-met"):
+        out = tmp_path / rules
+        assert main(["evaluate", "--rules", rules, "--pred", str(pred_dir), "--gt", str(gt_dir),
+                     "--out", str(out), "--workers", "1"]) == 0
+        cases = pd.read_csv(out / "cases.csv").set_index("case")
+        for index in range(4):
+            row = cases.loc[f"BraTS-GLI-{index:05d}-000"]
+            for region, expected in zip(("et", "tc", "wt"), OFFICIAL[(index, rules)], strict=True):
+                dice, hd95, tp, fp, fn, full_dice, full_hd95 = expected
+                assert row[f"lw_dice_{region}"] == pytest.approx(dice, abs=1e-6)  # cases.csv keeps 6 decimals
+                assert row[f"lw_hd95_{region}"] == pytest.approx(hd95, abs=1e-3)
+                assert [row[f"lw_{k}_{region}"] for k in ("tp", "fp", "fn")] == [tp, fp, fn]
+                assert row[f"dice_{region}"] == pytest.approx(full_dice, abs=1e-6)
+                assert row[f"hd95_{region}"] == pytest.approx(full_hd95, abs=1e-3)
