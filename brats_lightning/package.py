@@ -68,15 +68,6 @@ def sha256(data: bytes) -> str:
 
 
 # ------------------------------------------------------------------------------------------------ export
-def checkpoint_used(run: Run, checkpoint: str) -> str:
-    """Which checkpoint ``checkpoint`` ("auto", "best", "last", "swa") means for ``run`` (auto: swa, best,
-    last, the first the run has; as :meth:`Run.checkpoint_path`)."""
-    if checkpoint != "auto":
-        return checkpoint
-    saved = run.info.get("checkpoints") or {}
-    return next((k for k in ("swa", "best", "last") if saved.get(k)), "best")
-
-
 def _member_name(pipeline: str, index: int, run: Run) -> str:
     model = re.sub(r"[^A-Za-z0-9_.-]", "_", run.model)
     return f"{pipeline}/{index:02d}-{model}-fold{run.fold}.safetensors"
@@ -97,7 +88,7 @@ def _network_record(run: Run, checkpoint: str, member: str) -> dict[str, Any]:
     training["n_excluded"] = len(run.info.get("exclude") or [])
     return {
         "weights": member, "model": run.model, "fold": run.fold,
-        "checkpoint": checkpoint_used(run, checkpoint),
+        "checkpoint": run.checkpoint_name(checkpoint),
         "model_config": run.info["model_config"], "score": run.score,
         "val_metrics": run.info.get("val_metrics"), "val_metrics_swa": run.info.get("val_metrics_swa"),
         "training": training,
@@ -305,6 +296,9 @@ class ModelPackage:
         try:
             with zipfile.ZipFile(path) as archive:
                 infos = {info.filename: info for info in archive.infolist()}
+                if len(infos) != len(archive.infolist()):
+                    raise PackageError(f"{path}: a member name appears twice in the zip: the package was "
+                                       "altered; get an intact copy or re-export it")
                 if MANIFEST not in infos:
                     raise PackageError(f"{path}: no {MANIFEST} inside; not a brats-lightning model package: "
                                        "export it with brats-lightning export")

@@ -338,6 +338,13 @@ class Run:
             return None
         return float(metrics["dice_mean"])
 
+    def checkpoint_name(self, which: str = "auto") -> str:
+        """The checkpoint ``which`` names: itself, or for "auto" swa if the run has one, else best, last."""
+        if which != "auto":
+            return which
+        checkpoints = self.info.get("checkpoints") or {}
+        return next((k for k in ("swa", "best", "last") if checkpoints.get(k)), "best")
+
     def checkpoint_path(self, which: str = "auto") -> Path:
         """Path of the checkpoint ``which`` ("auto" = swa if present, else best, else last).
 
@@ -345,8 +352,7 @@ class Run:
         in ``checkpoints/`` next to run.json instead.
         """
         checkpoints = self.info.get("checkpoints") or {}
-        if which == "auto":
-            which = next((k for k in ("swa", "best", "last") if checkpoints.get(k)), "best")
+        which = self.checkpoint_name(which)
         stored = checkpoints.get(which)
         if not stored:
             raise FileNotFoundError(

@@ -10,6 +10,7 @@ import json
 import logging
 import re
 import shutil
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -217,6 +218,13 @@ def test_tampered_packages_are_refused(exported, tiny_dataset, tmp_path, capsys)
     flipped[-1] ^= 1
     bad = _rewrite(package_path, tmp_path / "altered.zip", {weights_name: bytes(flipped)}, False)
     _refused(bad, tiny_dataset, out, capsys, f"member {weights_name} does not match its SHA-256")
+
+    bad = tmp_path / "twice.zip"  # a second entry of the same name after the checked one
+    shutil.copy(package_path, bad)
+    with warnings.catch_warnings(), zipfile.ZipFile(bad, "a") as archive:
+        warnings.simplefilter("ignore")  # zipfile warns about the duplicate name
+        archive.writestr(weights_name, bytes(flipped))
+    _refused(bad, tiny_dataset, out, capsys, "a member name appears twice in the zip")
 
     bad = _rewrite(package_path, tmp_path / "extra.zip", {"B/99-extra.safetensors": weights}, False)
     _refused(bad, tiny_dataset, out, capsys, "['B/99-extra.safetensors'] are not listed in manifest.json")
