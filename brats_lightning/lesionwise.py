@@ -55,7 +55,7 @@ import cc3d
 import numpy as np
 from scipy import ndimage
 
-from brats_lightning.metrics import METRIC_KEYS, REGION_NAMES, bounding_box, region_metrics
+from brats_lightning.metrics import METRIC_KEYS, REGION_NAMES, bounding_box, region_metrics, voxel_spacing
 
 MISSED_HD95: float = 374.0
 """HD95 (mm) of a missed GT lesion, of a false-positive lesion, and of a full-volume mask with one empty."""
@@ -140,13 +140,6 @@ def _hd95_in_crop(gt: np.ndarray, pred: np.ndarray, spacing: tuple[float, float,
     return max(_directed_percentile(to_pred, areas_gt), _directed_percentile(to_gt, areas_pred))
 
 
-def _spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
-    values = tuple(float(s) for s in spacing)
-    if len(values) != 3 or min(values) <= 0:
-        raise ValueError(f"spacing must be three positive voxel sizes in mm, found {values}")
-    return values  # type: ignore[return-value]
-
-
 def surface_hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] = (1.0, 1.0, 1.0)) -> float:
     """Full-volume HD95 like the BraTS 2023 scorer's ``Legacy_HD95`` (surface elements, module docstring).
 
@@ -158,7 +151,7 @@ def surface_hd95(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] = (1
         return 0.0
     if not pred.any() or not gt.any():
         return MISSED_HD95
-    return _hd95_in_crop(gt[box], pred[box], _spacing(spacing))
+    return _hd95_in_crop(gt[box], pred[box], voxel_spacing(spacing))
 
 
 Box = tuple[tuple[int, int], ...]
@@ -280,7 +273,7 @@ def lesion_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
                          f"and {gt.shape}")
     if rules.dilation < 1:
         raise ValueError(f"{rules.name}: dilation must be at least 1, found {rules.dilation}")
-    sx, sy, sz = spacing = _spacing(spacing)
+    sx, sy, sz = spacing = voxel_spacing(spacing)
 
     pred_box = bounding_box(pred)
     if pred_box is None:

@@ -105,10 +105,11 @@ def surface_distances(a: np.ndarray, b: np.ndarray,
         raise ValueError("surface_distances needs two non-empty masks; empty masks follow the BraTS "
                          "conventions in hd95()")
     box = bounding_box(a, b)
-    return _surface_distances_in_box(a[box], b[box], _spacing(spacing))
+    return _surface_distances_in_box(a[box], b[box], voxel_spacing(spacing))
 
 
-def _spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
+def voxel_spacing(spacing: Sequence[float]) -> tuple[float, float, float]:
+    """``spacing`` as three positive floats (mm), or a ValueError."""
     spacing = tuple(float(s) for s in spacing)
     if len(spacing) != 3 or min(spacing) <= 0:
         raise ValueError(f"spacing must be three positive voxel sizes in mm, found {spacing}")
@@ -177,7 +178,7 @@ def region_metrics(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float] = 
     One bounding box search, then everything on the crop (see the module docstring).
     """
     pred, gt = _check_pair(pred, gt)
-    spacing = _spacing(spacing)
+    spacing = voxel_spacing(spacing)
     box = bounding_box(pred, gt)
     if box is None:
         out = _rates(0, 0, 0, pred.size)
