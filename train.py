@@ -235,7 +235,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, env_mode: str | None) -> dict[
         hpc_checkpoints,
         resume_checkpoint,
     )
-    from brats_lightning.memory import check_job, network_config
+    from brats_lightning.memory import check_training_job, check_validation_job, network_config
     from brats_lightning.module import BratsModule
     from brats_lightning.precision import resolve_precision, runs_on_cpu
     from brats_lightning.runs import (
@@ -258,6 +258,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, env_mode: str | None) -> dict[
     last_path = (Path(last_cb.dirpath) if last_cb is not None else run_dir / "checkpoints") / "last.ckpt"
     resolved = OmegaConf.to_container(cfg, resolve=True)
     ckpt_path = None
+    check_training_job(cfg)  # memory plan vs free memory, before any data is read: refuse now, not hours in
     if env_rank_is_zero():  # every case checked and cached before loggers, W&B and the Trainer start
         datamodule.prepare_data()
         datamodule.setup("fit")  # the split file, for the fingerprint (Lightning's own call is then a no-op)
@@ -266,6 +267,7 @@ def _train_locked(cfg: DictConfig, run_dir: Path, env_mode: str | None) -> dict[
         ckpt_path = _resume_state(cfg, run_dir, fingerprint, last_path)
     elif cfg.get("resume", True):  # the other ranks resume from the same checkpoint, unchecked
         ckpt_path = resume_checkpoint(last_path, run_dir)
+    check_validation_job(cfg, datamodule)  # the largest validation brain box, whole (rank 0)
     module = BratsModule.from_config(cfg)
     loggers, wandb_id = build_loggers(cfg, run_dir)
 
@@ -287,7 +289,6 @@ def _train_locked(cfg: DictConfig, run_dir: Path, env_mode: str | None) -> dict[
                          logger=loggers or False,
                          plugins=[AtomicCheckpointIO(), *cluster_plugins()], default_root_dir=str(run_dir))
     check_launch(trainer)  # refuses Hydra multirun + Lightning-spawned DDP ranks (docs/cluster.md)
-    check_job(cfg, trainer, datamodule)  # memory plan vs free memory: refuse now, not an hour in
     for logger in loggers:
         logger.log_hyperparams(resolved)
     if ckpt_path is not None:

@@ -376,26 +376,42 @@ def _fits(plan: MemoryPlan, budget: int) -> bool:
     return plan.total <= HEADROOM * budget
 
 
-def training_alternatives(model_config: Mapping[str, Any], crop_size: int, batch_size: int, precision: str,
-                          optimizer: str, budget: int) -> list[str]:
-    """Hydra overrides that fit ``budget``, most faithful first: checkpointing at the same crop and batch,
-    then smaller batches, then smaller crops (multiples of 16), with and without checkpointing."""
+@dataclass(frozen=True)
+class TrainingSetting:
+    """A training setting that fits (:func:`fitting_settings`) and its plan."""
+
+    checkpointing: bool
+    crop_size: int
+    batch_size: int
+    plan: MemoryPlan
+
+    def overrides(self, checkpointing: bool, crop_size: int, batch_size: int) -> str:
+        """The Hydra overrides that turn (``checkpointing``, ``crop_size``, ``batch_size``) into this one."""
+        ckpt = str(self.checkpointing).lower()
+        parts = [f"model.checkpointing={ckpt}" if self.checkpointing != checkpointing else "",
+                 f"pipeline.batch_size={self.batch_size}" if self.batch_size != batch_size else "",
+                 f"data.crop_size={self.crop_size}" if self.crop_size != crop_size else ""]
+        return " ".join(p for p in parts if p)
+
+
+def fitting_settings(model_config: Mapping[str, Any], crop_size: int, batch_size: int, precision: str,
+                     optimizer: str, budget: int, limit: int = 3) -> list[TrainingSetting]:
+    """Up to ``limit`` settings that fit ``budget`` bytes, most faithful first: the same crop and batch with
+    checkpointing, then smaller batches, then smaller crops (multiples of 16), each without and with
+    checkpointing (never without when the config already checkpoints)."""
     checkpointing = network_config(model_config)[1]
     options: list[tuple[bool, int, int]] = [(True, crop_size, batch_size)]
     options += [(ckpt, crop_size, b) for b in range(batch_size - 1, 0, -1) for ckpt in (False, True)]
     options += [(ckpt, c, b) for c in range(crop_size - 16, 31, -16) for b in range(batch_size, 0, -1)
                 for ckpt in (False, True)]
-    found: list[str] = []
+    found: list[TrainingSetting] = []
     for ckpt, crop, batch in options:
         if ckpt < checkpointing:
             continue
         plan = plan_training(model_config, crop, batch, precision, optimizer, ckpt)
         if _fits(plan, budget):
-            parts = [f"model.checkpointing={str(ckpt).lower()}" if ckpt != checkpointing else "",
-                     f"pipeline.batch_size={batch}" if batch != batch_size else "",
-                     f"data.crop_size={crop}" if crop != crop_size else ""]
-            found.append(f"{' '.join(p for p in parts if p)} ({plan.total / GIB:.1f} GiB)")
-            if len(found) == 3 or (ckpt, batch) == (True, batch_size) and crop == crop_size:
+            found.append(TrainingSetting(ckpt, crop, batch, plan))
+            if len(found) == limit or (ckpt, crop, batch) == (True, crop_size, batch_size):
                 break
     return found
 
@@ -414,7 +430,9 @@ def check_training_fits(model_config: Mapping[str, Any], crop_size: int | Sequen
     plan = plan_training(model_config, crop_size, batch_size, precision, optimizer)
     if not _fits(plan, budget):
         crop = crop_size if isinstance(crop_size, int) else max(crop_size)
-        fits = training_alternatives(model_config, crop, batch_size, precision, optimizer, budget)
+        checkpointing = network_config(model_config)[1]
+        fits = [f"{f.overrides(checkpointing, crop, batch_size)} ({f.plan.total / GIB:.1f} GiB)"
+                for f in fitting_settings(model_config, crop, batch_size, precision, optimizer, budget)]
         hint = ("; ".join(fits) if fits else "none of crop >= 32, batch >= 1, with or without checkpointing; "
                 "use a device with more memory or a smaller model.width")
         raise UserError(
@@ -449,27 +467,50 @@ def check_validation_fits(training: MemoryPlan, model_config: Mapping[str, Any],
     return need
 
 
-def check_job(cfg: Any, trainer: Any, datamodule: Any) -> MemoryPlan:
-    """train.py's check before ``trainer.fit``: the training step on the trainer's device first (seconds, no
-    data needed), then, when validation is on, the whole-brain validation of the largest validation brain
-    box (this prepares and sets up ``datamodule``, which ``fit`` then reuses).
-
-    Raises:
-        UserError: either does not fit.
-    """
+def _job_settings(cfg: Any) -> tuple[dict[str, Any], torch.device, str]:
+    """(model config, device, precision) of a training config, as train.py resolves them: the CPU, or the
+    CUDA device of this rank (``LOCAL_RANK``); ``trainer.precision`` after the CPU fallbacks."""
     from omegaconf import OmegaConf
 
-    model_config = OmegaConf.to_container(cfg.model, resolve=True)
+    from brats_lightning.precision import resolve_precision, runs_on_cpu
+
+    accelerator = cfg.trainer.get("accelerator", "auto")
     crop = cfg.data.crop_size if isinstance(cfg.data.crop_size, int) else list(cfg.data.crop_size)
-    device, precision = trainer.strategy.root_device, str(trainer.precision)
-    plan = check_training_fits(model_config, crop, int(cfg.pipeline.batch_size), precision,
+    precision = str(resolve_precision(cfg.trainer.get("precision", "32-true"), accelerator, crop))
+    device = (torch.device("cpu") if runs_on_cpu(accelerator)
+              else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
+    return OmegaConf.to_container(cfg.model, resolve=True), device, precision
+
+
+def check_training_job(cfg: Any) -> MemoryPlan:
+    """train.py's first check, before any data is read: the training step of ``cfg`` (model, data.crop_size,
+    pipeline.batch_size and optimizer, trainer precision) on its device (seconds).
+
+    Raises:
+        UserError: it does not fit; the message lists settings that fit.
+    """
+    model_config, device, precision = _job_settings(cfg)
+    crop = cfg.data.crop_size if isinstance(cfg.data.crop_size, int) else list(cfg.data.crop_size)
+    return check_training_fits(model_config, crop, int(cfg.pipeline.batch_size), precision,
                                str(cfg.pipeline.optimizer.name), device)
-    if trainer.limit_val_batches != 0:
-        datamodule.prepare_data()
-        datamodule.setup("fit")
-        boxes = [datamodule.cache.get(case).box.shape for case in datamodule.val_cases]
-        check_validation_fits(plan, model_config, max(boxes, key=math.prod), precision, device)
-    return plan
+
+
+def check_validation_job(cfg: Any, datamodule: Any) -> int | None:
+    """train.py's second check, once ``datamodule`` is set up: the whole-brain validation of its largest
+    validation brain box next to the training state. Returns the bytes needed (None: no validation, or a
+    rank whose datamodule was not set up).
+
+    Raises:
+        UserError: it does not fit.
+    """
+    if not datamodule.val_cases or cfg.trainer.get("limit_val_batches") == 0:
+        return None
+    model_config, device, precision = _job_settings(cfg)
+    crop = cfg.data.crop_size if isinstance(cfg.data.crop_size, int) else list(cfg.data.crop_size)
+    training = plan_training(model_config, crop, int(cfg.pipeline.batch_size), precision,
+                             str(cfg.pipeline.optimizer.name))
+    boxes = [datamodule.cache.get(case).box.shape for case in datamodule.val_cases]
+    return check_validation_fits(training, model_config, max(boxes, key=math.prod), precision, device)
 
 
 def check_inference_fits(model_configs: Sequence[Mapping[str, Any]], shape: Sequence[int],
