@@ -3,7 +3,12 @@ composed configs training uses against the method's tables (docs/method.md, docs
 
 from __future__ import annotations
 
+import json
+import math
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -176,3 +181,30 @@ def test_validation_loss_with_the_deep_heads(build_module):
             expected = torch.stack([dice(o[..., :12], target) for o in outputs]).mean()
             metrics, _ = module.score_batch(batch)
         assert metrics["loss"].item() == pytest.approx(expected.item(), rel=1e-5), preset
+
+
+# ------------------------------------------------------------------------------------------- end to end
+@pytest.mark.slow
+def test_preset_trains_end_to_end(synthetic_root, tmp_path):
+    """``train.py experiment=paper_A_code`` at smoke size: 1 main epoch, one 1-epoch SWA cycle."""
+    args = ["experiment=paper_A_code", f"data.root={synthetic_root}", "model.width=4", "data.crop_size=32",
+            "data.foreground_prob=0.5", "data.num_workers=0", "pipeline.epochs=1",
+            "callbacks.fast_swa.cycles=1", "callbacks.fast_swa.cycle_epochs=1",
+            "callbacks.fast_swa.snapshot_every=1", "callbacks.overlays=null", "trainer.limit_train_batches=2",
+            "trainer.limit_val_batches=1", "trainer.enable_model_summary=false", "logger=csv"]
+    env = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+    result = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+                            capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
+    (record,) = (tmp_path / "outputs").rglob("run.json")
+    run = json.loads(record.read_text())
+    assert run["name"] == "paper_code" and run["epochs_trained"] == 2
+    assert Path(run["checkpoints"]["swa"]).is_file() and run["fast_swa"]["cosine_epochs"] == 40
+    assert run["fast_swa"]["n_snapshots"] == 2  # the end of the main schedule + one per SWA epoch
+    assert run["model_config"]["norm"]["rule"] == "authors"
+    assert json.loads(Path(run["split_file"]).read_text())["seed"] == 16111990
+    assert all(math.isfinite(v) for v in run["val_metrics"].values())
+    checkpoint = torch.load(run["checkpoints"]["last"], map_location="cpu", weights_only=False)
+    pipeline = checkpoint["hyper_parameters"]["pipeline"]
+    assert pipeline["augment"]["spatial"] == "transpose_flip" and pipeline["augment"]["sample_p"] == 0.8
+    assert pipeline["loss"]["deep_reduction"] == "mean" and pipeline["loss"]["val_deep_supervision"]
