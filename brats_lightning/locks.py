@@ -46,7 +46,8 @@ def _process_start(pid: int) -> int | None:
     return int(stat.rsplit(")", 1)[1].split()[19])  # fields after the command name, which may hold spaces
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """True when a process with this pid exists on this host (also when it belongs to another user)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -105,7 +106,7 @@ class FolderLock:
         pid = holder["pid"]
         if pid == os.getpid():
             return True  # left by this process (an earlier job in it that raised before releasing)
-        if not _pid_alive(pid):
+        if not pid_alive(pid):
             return True
         start = _process_start(pid)
         return start is not None and holder.get("process_start") not in (None, start)
