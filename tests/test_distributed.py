@@ -35,7 +35,7 @@ from brats_lightning.distributed import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-RUN = Path("outputs") / "smoke" / "A" / "equiunet"
+RUN = Path("outputs") / "smoke" / "smoke" / "A" / "equiunet"  # <name>/<data.name>/<pipeline>/<model>
 SLURM_ENV = {"SLURM_NTASKS": "1", "SLURM_NTASKS_PER_NODE": "1", "SLURM_NNODES": "1", "SLURM_PROCID": "0",
              "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_JOB_ID": "4242", "SLURM_JOB_NAME": "train",
              "SLURM_NODELIST": "localhost"}
@@ -382,6 +382,7 @@ def test_slurm_signal_saves_requeues_and_the_job_resumes(synthetic_root, tmp_pat
         while not last.exists():  # epoch 0 done: the signal arrives during training
             assert proc.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()
             time.sleep(0.02)
+        epoch0 = last.stat().st_mtime
         proc.send_signal(signal.SIGUSR1)
         proc.wait(timeout=240)
     first = (tmp_path / "first.log").read_text()
@@ -390,12 +391,14 @@ def test_slurm_signal_saves_requeues_and_the_job_resumes(synthetic_root, tmp_pat
     assert not (run_dir / "run.json").exists()  # the job stopped early
     hpc = run_dir / "hpc_ckpt_1.ckpt"
     saved = torch.load(hpc, map_location="cpu", weights_only=False)
-    assert saved["global_step"] >= 2 and hpc.stat().st_mtime >= last.stat().st_mtime
+    assert saved["global_step"] >= 2 and hpc.stat().st_mtime >= epoch0
+    # scontrol's SIGTERM then stops the job (train.py writes last.ckpt there, at or after the hpc checkpoint)
+    resume_from = max([hpc, last], key=lambda p: p.stat().st_mtime_ns)
 
     # the requeued job (same command): resumes from the signal's checkpoint and finishes the schedule
     again = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr[-4000:]
-    assert f"resuming from {hpc}" in again.stdout + again.stderr
+    assert f"resuming from {resume_from}" in again.stdout + again.stderr
     run = json.loads((run_dir / "run.json").read_text())
     assert (run["epochs_trained"], run["global_step"]) == (4, 8)  # 4 epochs x 2 steps, none repeated
     assert not hpc.exists()  # superseded by last.ckpt once the run finished

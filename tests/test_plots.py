@@ -142,3 +142,31 @@ def test_training_curves_from_a_csv_logger_file(tmp_path: Path) -> None:
     pd.DataFrame({"step": [0], "loss": [1.0]}).to_csv(csv, index=False)
     with pytest.raises(ValueError, match="epoch"):
         training_curves_figure(csv)
+
+
+def test_training_curves_main_head_loss_best_epoch_lr_and_title(tmp_path: Path) -> None:
+    rows = []
+    for epoch in range(4):
+        rows.append({"step": 2 * epoch, "lr-Adam": 0.01 / (epoch + 1)})  # LearningRateMonitor: no epoch
+        rows.append({"epoch": epoch, "step": 2 * epoch + 1, "train/loss_epoch": 5.0 - epoch,
+                     "train/loss_main": 1.0 - 0.1 * epoch})
+        rows.append({"epoch": epoch, "step": 2 * epoch + 1, "val/loss": [0.9, 0.7, 0.8, 0.75][epoch],
+                     "val/dice_et": 0.1 * epoch, "val/dice_tc": 0.2, "val/dice_wt": 0.3, "val/dice_mean": 0.2,
+                     "val/channel_dice_mean": 0.25})
+    csv = tmp_path / "metrics.csv"
+    pd.DataFrame(rows).to_csv(csv, index=False)
+    figure = training_curves_figure(csv, title="demo: pipeline B / unet / fold 2", monitor="val/loss")
+    assert figure._suptitle.get_text() == "demo: pipeline B / unet / fold 2"
+    loss_ax, sum_ax, dice_ax, lr_ax = figure.axes  # the deep-supervision sum on its own (twin) axis
+    lines = {line.get_label(): line for line in loss_ax.get_lines()}
+    np.testing.assert_allclose(lines["train/loss_main"].get_ydata(), [1.0, 0.9, 0.8, 0.7])
+    assert "val/loss" in lines and "train/loss_epoch" not in lines
+    np.testing.assert_allclose(sum_ax.get_lines()[0].get_ydata(), [5, 4, 3, 2])
+    best = [line for line in dice_ax.get_lines() if line.get_label().startswith("best.ckpt")]
+    assert len(best) == 1 and list(best[0].get_xdata()) == [1, 1]  # lowest val/loss: epoch 1
+    assert [line.get_label() for line in dice_ax.get_lines()][:4] == [
+        "val/dice_et", "val/dice_tc", "val/dice_wt", "val/dice_mean"]  # ET, TC, WT everywhere
+    lr = lr_ax.get_lines()[0]
+    np.testing.assert_allclose(lr.get_xdata(), [0, 1, 2, 3])
+    np.testing.assert_allclose(lr.get_ydata(), [0.01, 0.005, 0.01 / 3, 0.0025])
+    assert lr_ax.get_yscale() == "log"

@@ -25,6 +25,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from pytorch_lightning.plugins.precision import MixedPrecision
+from test_train import _wandb_history
 from torch.utils.data import DataLoader, TensorDataset
 
 from brats_lightning.callbacks.fast_swa import FastSWA
@@ -47,11 +48,11 @@ def command(name: str, synthetic_root: Path, tmp: Path) -> list[str]:
             f"paths.output_dir={tmp / 'outputs'}", f"paths.cache_dir={tmp / 'cache'}"]
 
 
-ENV = {**os.environ, "WANDB_MODE": "disabled", "HYDRA_FULL_ERROR": "1"}
+ENV = {**os.environ, "WANDB_MODE": "offline", "WANDB_SILENT": "true", "HYDRA_FULL_ERROR": "1"}
 
 
-def run_to_end(cmd: list[str], cwd: Path) -> None:
-    result = subprocess.run(cmd, cwd=cwd, env=ENV, capture_output=True, text=True, timeout=600)
+def run_to_end(cmd: list[str], cwd: Path, env: dict[str, str] = ENV) -> None:
+    result = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-6000:]
 
 
@@ -62,15 +63,26 @@ def swa_state(last: Path) -> dict | None:
     return torch.load(last, map_location="cpu", weights_only=True)["callbacks"]["FastSWA"]
 
 
+def logged_after_checkpoint(last: Path) -> bool:
+    """Whether metrics.csv beside ``last.ckpt``'s run folder holds rows from the checkpoint's step on (rows a
+    resumed job must drop: it logs those steps again)."""
+    metrics = last.parent.parent / "metrics.csv"
+    if not metrics.is_file():
+        return False
+    step = torch.load(last, map_location="cpu", weights_only=True)["global_step"]
+    with open(metrics, newline="") as f:
+        return any(row.get("step") and int(row["step"]) >= step for row in csv.DictReader(f))
+
+
 def run_and_kill(cmd: list[str], cwd: Path, last: Path, epochs_done: int) -> dict:
-    """Start the job, SIGKILL it as soon as ``last.ckpt`` says ``epochs_done`` epochs are done; return the
-    FastSWA state of the ``last.ckpt`` it leaves."""
+    """Start the job, SIGKILL it as soon as ``last.ckpt`` says ``epochs_done`` epochs are done and metrics.csv
+    holds rows logged after that checkpoint; return the FastSWA state of the ``last.ckpt`` it leaves."""
     process = subprocess.Popen(cmd, cwd=cwd, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             state = swa_state(last)
-            if state is not None and state["epochs_done"] >= epochs_done:
+            if state is not None and state["epochs_done"] >= epochs_done and logged_after_checkpoint(last):
                 break
             assert process.poll() is None, f"the job ended before epoch {epochs_done}: " + \
                 process.stderr.read().decode()[-4000:]
@@ -98,8 +110,8 @@ def sha256(path: Path) -> str:
 
 @pytest.mark.slow
 def test_killed_twice_finishes_like_an_uninterrupted_run(synthetic_root, tmp_path):
-    ref_dir = tmp_path / "outputs" / "ref" / "A" / "equiunet" / "fold0"
-    run_dir = tmp_path / "outputs" / "killed" / "A" / "equiunet" / "fold0"
+    ref_dir = tmp_path / "outputs" / "ref" / "smoke" / "A" / "equiunet" / "fold0"
+    run_dir = tmp_path / "outputs" / "killed" / "smoke" / "A" / "equiunet" / "fold0"
     last = run_dir / "checkpoints" / "last.ckpt"
     run_to_end(command("ref", synthetic_root, tmp_path), tmp_path)
 
@@ -139,6 +151,14 @@ def test_killed_twice_finishes_like_an_uninterrupted_run(synthetic_root, tmp_pat
     assert all(len(line) == len(lines[0]) for line in lines)  # no partial rows
     rows = [dict(zip(lines[0], line, strict=True)) for line in lines[1:]]
     assert sorted({int(r["epoch"]) for r in rows if r["train/loss_epoch"]}) == list(range(TOTAL))
+    # the records equal the uninterrupted run's: no rows of the killed jobs' steps after their checkpoints
+    with open(ref_dir / "metrics.csv", newline="") as f:
+        ref_rows = list(csv.DictReader(f))
+    assert rows == ref_rows
+    ref_history, history = _wandb_history(ref_dir), _wandb_history(run_dir)
+    assert sorted(history) == sorted(ref_history) and len(history) >= TOTAL
+    for step, values in ref_history.items():
+        assert history[step] == pytest.approx(values), step
     assert not stale.exists()
     assert not [p for p in run_dir.rglob("*") if p.name.startswith(".tmp-") or p.suffix == ".tmp"]
 
@@ -154,6 +174,46 @@ def test_killed_twice_finishes_like_an_uninterrupted_run(synthetic_root, tmp_pat
     again = torch.load(run_dir / "checkpoints" / "swa.ckpt", weights_only=True)["state_dict"]
     assert all(torch.equal(again[k], v) for k, v in ref_swa.items())
     assert not [p for p in run_dir.rglob("*") if p.name.startswith(".tmp-") or p.suffix == ".tmp"]
+
+
+@pytest.mark.slow
+def test_sigterm_and_ctrl_c_write_last_ckpt_exit_143_130_and_resume(synthetic_root, tmp_path):
+    """The whole process group is signalled (SLURM's time limit, Ctrl-C in a terminal), DataLoader worker
+    included: the job writes last.ckpt, says how to resume, exits 143 / 130 without a traceback, and the same
+    command finishes the run with every step once."""
+    run_dir = tmp_path / "outputs" / "stop" / "smoke" / "A" / "equiunet" / "fold0"
+    last = run_dir / "checkpoints" / "last.ckpt"
+    cmd = [sys.executable, str(REPO / "train.py"), "experiment=smoke", "name=stop",
+           f"data.root={synthetic_root}", "data.generate=null", "data.crop_size=16", "data.num_workers=1",
+           "trainer.limit_train_batches=1", "trainer.limit_val_batches=1", "trainer.precision=32-true",
+           "pipeline.epochs=4", "logger=csv", f"paths.output_dir={tmp_path / 'outputs'}",
+           f"paths.cache_dir={tmp_path / 'cache'}"]
+    env = {**ENV, "WANDB_MODE": "disabled"}
+    for signum, code in ((signal.SIGTERM, 143), (signal.SIGINT, 130)):
+        done = torch.load(last, weights_only=True)["global_step"] if last.is_file() else 0
+        log = tmp_path / f"{signal.Signals(signum).name}.log"
+        with open(log, "w") as output:
+            process = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=output, stderr=subprocess.STDOUT,
+                                       start_new_session=True)  # its own process group, as a shell's job
+            deadline = time.monotonic() + 300
+            while not (last.is_file() and torch.load(last, weights_only=True)["global_step"] > done):
+                assert process.poll() is None and time.monotonic() < deadline, log.read_text()[-3000:]
+                time.sleep(0.05)
+            os.killpg(process.pid, signum)
+            process.wait(timeout=300)
+        out = log.read_text()
+        assert process.returncode == code, out[-4000:]
+        assert f"{signal.Signals(signum).name}: stopped at epoch" in out, out[-3000:]
+        assert "rerun the same command to resume" in out and "Traceback" not in out, out[-4000:]
+        assert last.is_file() and not (run_dir / "run.json").exists()
+    run_to_end(cmd, tmp_path, env)
+    run = json.loads((run_dir / "run.json").read_text())
+    assert (run["epochs_trained"], run["global_step"]) == (4, 4)  # 4 epochs x 1 step, none repeated
+    with open(run_dir / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    for column in ("train/loss_step", "train/loss_epoch", "val/loss"):
+        steps = [int(r["step"]) for r in rows if r[column]]
+        assert len(steps) == len(set(steps)) == 4, (column, steps)
 
 
 class Linear(pl.LightningModule):

@@ -146,6 +146,18 @@ def run_ensemble(cfg: DictConfig) -> dict[str, Any]:
         held_out = set.intersection(*({c for r in p.runs for c in r.val_cases} for p in ensembles.values()))
         cases = [c for c in cases if c.case_id in held_out]
         log.info("oof_cases=held_out: %d case(s) held out by every pipeline's runs", len(cases))
+    elif cfg.oof:  # oof_cases=all: every case needs a run of each pipeline that held it out
+        from brats_lightning.errors import UserError
+
+        for name, predictor in ensembles.items():
+            held = {c for r in predictor.runs for c in r.val_cases}
+            orphans = sorted(c.case_id for c in cases if c.case_id not in held)
+            if orphans:
+                raise UserError(
+                    f"ensemble oof=true: no pipeline {name} run under {runs_dir} held out {len(orphans)} of "
+                    f"the {len(cases)} cases of {data} (e.g. {orphans[:3]}), as when only some folds of a "
+                    "sweep are trained; pass oof_cases=held_out to predict and score only the cases the runs "
+                    "held out, or train the other folds")
     case_ids = {c.case_id for c in cases}
     folders = predict_pipelines(ensembles, cases, pred_dir, pred_dir / "merged" if cfg.merge else None,
                                 oof=bool(cfg.oof))

@@ -45,6 +45,7 @@ REPO = Path(__file__).resolve().parents[2]
 console = Console()
 
 PAPER_FOLDS = (0, 1, 2, 3, 4)
+DATA_NAME = "brats2020"  # data.name of every sweep: the second level of each run folder
 REGIONS = ("et", "wt", "tc")
 """Region order of the paper's tables."""
 
@@ -77,7 +78,8 @@ TABLE3_SOURCES: dict[str, tuple[str, str]] = {
 
 @dataclass(frozen=True)
 class Sweep:
-    """One 5-fold training sweep of the paper; runs land in ``<out>/<name>/<pipeline>/<model>/fold<k>``."""
+    """One 5-fold training sweep of the paper; runs land in
+    ``<out>/<name>/<DATA_NAME>/<pipeline>/<model>/fold<k>``."""
 
     title: str
     experiment: str  # conf/experiment/<experiment>.yaml
@@ -91,7 +93,7 @@ class Sweep:
         return self.experiment[-1]
 
     def run_dir(self, out: Path, fold: int) -> Path:
-        return out / self.name / self.pipeline / self.model / f"fold{fold}"
+        return out / self.name / DATA_NAME / self.pipeline / self.model / f"fold{fold}"
 
     @property
     def cv_label(self) -> str:
@@ -134,7 +136,7 @@ def train_command(sweep: Sweep, folds: Sequence[int], args: argparse.Namespace) 
     """``python train.py -m fold=... experiment=... model=...`` for the folds of a sweep still to train."""
     command = [sys.executable, "train.py", "-m", f"fold={','.join(map(str, folds))}",
                f"experiment={sweep.experiment}", f"model={sweep.model}", f"name={sweep.name}",
-               f"paths.output_dir={args.out}", f"data.root={args.data}"]
+               f"paths.output_dir={args.out}", f"data.root={args.data}", f"data.name={DATA_NAME}"]
     if sweep.cleaned:
         command.append(f"data.exclude={args.out / 'excluded.json'}")
     if args.launcher:

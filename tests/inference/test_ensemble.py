@@ -122,7 +122,7 @@ def test_ensemble_out_of_fold_on_a_partial_sweep(tiny_run_factory, tiny_dataset)
                "predict.tta=none", "predict.device=cpu"]
     env = dict(os.environ, WANDB_MODE="disabled")
     refused = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
-    assert refused.returncode != 0 and "no selected run held out these cases" in refused.stderr
+    assert refused.returncode != 0 and "pass oof_cases=held_out" in refused.stderr
     result = subprocess.run([*command, "oof_cases=held_out"], cwd=REPO, env=env, capture_output=True,
                             text=True, timeout=300)
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
