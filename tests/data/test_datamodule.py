@@ -146,3 +146,20 @@ def test_data_check_stops_before_training(synthetic_root, tmp_path):
 def test_missing_root_explains(tmp_path):
     with pytest.raises(UserError, match="does not exist"):
         BratsDataModule(tmp_path / "nowhere", cache_dir=tmp_path / "cache").setup()
+
+
+def test_float16_cache_feeds_float32_batches(synthetic_root, tmp_path):
+    """data.cache_dtype=float16: the cache holds float16, the network still gets float32 (whole-brain values
+    equal to the float16 entry, within float16's rounding of the float32 ones)."""
+    dm = BratsDataModule(synthetic_root, fold=0, normalization="zscore", cache_dir=tmp_path / "cache",
+                         crop_size=32, cache_dtype="float16")
+    dm.setup("fit")
+    assert dm.cache.entry_dir(dm.val_cases[0]).parts[-3] == "zscore-float16"
+    batch = next(iter(dm.val_dataloader()))
+    assert batch["image"].dtype == torch.float32
+    compact = np.asarray(dm.cache.get(dm.val_cases[0]).images)
+    full = CaseCache(tmp_path / "cache", "zscore").get(dm.val_cases[0]).images
+    inside = batch["image"][0].numpy()[(slice(None), *Box.from_dict(batch["box"][0]).slices)]
+    np.testing.assert_array_equal(inside, compact.astype(np.float32))
+    np.testing.assert_allclose(inside, full, rtol=1e-3, atol=2.0**-25)
+    assert next(iter(dm.train_dataloader()))["image"].dtype == torch.float32
