@@ -20,7 +20,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from brats_lightning.data.augment import BatchAugment
-from brats_lightning.data.labels import REGIONS
+from brats_lightning.data.labels import REGIONS, convention_for_regions
 from brats_lightning.data.preprocess import Box
 from brats_lightning.losses import DeepSupervisionLoss, DiceLoss
 from brats_lightning.memory import build_network
@@ -184,6 +184,7 @@ class BratsModule(pl.LightningModule):
         deeps = logits[1] if self.val_deep_supervision else []  # the loss with the deep heads (authors')
         if isinstance(logits, (tuple, list)):  # a network left in training mode by a callback
             logits = logits[0]
+        conv = convention_for_regions(logits.shape[1])  # ET, TC, WT and, for BraTS 2024, RC
         losses, preds, extra = [], [], []
         for i, box_info in enumerate(boxes):
             box = box_info if isinstance(box_info, Box) else Box.from_dict(box_info)
@@ -193,14 +194,15 @@ class BratsModule(pl.LightningModule):
             case_deeps = [deep[i : i + 1][crop] for deep in deeps]
             losses.append(self.loss((case_logits, case_deeps) if case_deeps else case_logits, case_target))
             preds.append(torch.sigmoid(case_logits.float()) > 0.5)
-            if self.hd95:
+            if self.hd95:  # the tumour regions (case_metrics scores ET, TC, WT)
                 spacing = tuple(batch["spacing"][i]) if "spacing" in batch else (1.0, 1.0, 1.0)
-                extra.append(case_metrics(preds[-1][0].cpu().numpy(), case_target[0].cpu().numpy(),
-                                          spacing=spacing, hd95=True))
+                tumour = slice(0, len(REGIONS))
+                extra.append(case_metrics(preds[-1][0, tumour].cpu().numpy(),
+                                          case_target[0, tumour].cpu().numpy(), spacing=spacing, hd95=True))
         pred = torch.cat(preds)
         dice = region_dice(pred, target.bool()).float()  # (B, 3), BraTS empty rules
         metrics = {"loss": torch.stack(losses).mean(), "dice_mean": dice.mean()}
-        for c, region in enumerate(REGIONS):
+        for c, region in enumerate(conv.regions):
             metrics[f"dice_{region.lower()}"] = dice[:, c].mean()
         if extra:
             for region in REGIONS:
