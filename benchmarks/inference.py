@@ -12,9 +12,17 @@ docs/method.md "Measured anchors" (H200, EquiUnet w=48, 144x176x144, fp16): 70 m
 ms at
 batch 8 (80 views = 2.6 s per case); the issue's target: 16 views x 5 models <= 1.5 s per case.
 
+``--overhead`` measures what the predictor's path costs beyond the network (issue 18, goal <= 1.05x): CPU
+seconds per case of ``predict_probabilities`` with the predictor's own speed plan
+(:func:`brats_lightning.speed.inference_plan`) and view batch, against a plain loop over a copy of the same
+network (contiguous, no hooks) and the same views, one view at a time (:func:`plain_loop`); both must give
+the same probabilities. CPU time of this process (``time.process_time``) is what other jobs' load changes
+least; on CUDA, wall time.
+
 Usage (from the repository root):
 
     python -m benchmarks.inference            # CPU: w=8, 80x96x80 (demo brain box), 16 views, 1 and 2 models
+    python -m benchmarks.inference --overhead --tta flips --threads 1   # predictor / plain loop, 8 flips
     python -m benchmarks.inference --paper    # CUDA: w=48, 144x176x144, 16 views x 5 models, compile on/off
     python -m benchmarks.inference --tiny     # seconds (tests)
 """
@@ -22,6 +30,7 @@ Usage (from the repository root):
 from __future__ import annotations
 
 import argparse
+import copy
 import gc
 import itertools
 import logging
@@ -41,11 +50,11 @@ from benchmarks.common import (
     setup,
     sync,
 )
-from brats_lightning.inference.predictor import predict_probabilities
-from brats_lightning.inference.tta import VIEW_SETS, get_views
+from brats_lightning.inference.predictor import PredictOptions, predict_probabilities
+from brats_lightning.inference.tta import VIEW_SETS, View, get_views
 from brats_lightning.models import AttEquiUnet, EquiUnet, Unet
 from brats_lightning.precision import resolve_amp_dtype
-from brats_lightning.speed import InferenceNet, resolve_speed
+from brats_lightning.speed import AMP_NAMES, InferenceNet, inference_plan
 
 log = logging.getLogger("benchmarks.inference")
 
@@ -63,14 +72,16 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 COLUMNS = ["model", "width", "shape", "views", "view batch", "models", "precision", "memory format",
            "compile", "s/case", "min s", "ms/volume", "warm-up s"]
+OVERHEAD_COLUMNS = ["model", "pipeline", "width", "shape", "views", "view batch", "precision",
+                    "memory format", "norms", "plain s", "predictor s", "ratio", "max |diff|", "clock"]
 
 
 def build_networks(args: argparse.Namespace, n: int, device: torch.device, memory_format: str,
                    compiled: bool, precision: str) -> list[torch.nn.Module]:
     """``n`` randomly initialized networks in eval mode on ``device``, wrapped with the speed switches."""
     norm_factory = hydra.utils.instantiate(pipeline_config(args.pipeline)["norm"])
-    plan = resolve_speed({"memory_format": memory_format, "compile": compiled, "cudnn_benchmark": "auto"},
-                         device.type, precision)
+    plan = inference_plan(device.type, resolve_amp_dtype(device, precision),
+                          {"memory_format": memory_format, "compile": compiled, "cudnn_benchmark": "auto"})
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = plan.cudnn_benchmark
     nets = []
@@ -86,7 +97,7 @@ def bench_config(args: argparse.Namespace, device: torch.device, tta: str, view_
     """Time ``predict_probabilities`` for one configuration; returns the table row."""
     views = get_views(tta)
     amp_dtype = resolve_amp_dtype(device, precision)
-    amp_name = {None: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}[amp_dtype]
+    amp_name = AMP_NAMES[amp_dtype]
     nets = build_networks(args, n_models, device, memory_format, compiled, amp_name)
     rng = np.random.default_rng(0)
     images = rng.standard_normal((4, *args.shape), dtype=np.float32)
@@ -120,6 +131,65 @@ def bench_config(args: argparse.Namespace, device: torch.device, tta: str, view_
     return row
 
 
+def plain_loop(net: torch.nn.Module, image: torch.Tensor, views: list[View],
+               amp_dtype: torch.dtype | None) -> torch.Tensor:
+    """The overhead row's reference: ``net`` on one view at a time, sigmoid, inverse view, mean (float32)."""
+    total = torch.zeros((3, *image.shape[-3:]), device=image.device)
+    with torch.inference_mode(), torch.autocast(image.device.type, amp_dtype or torch.float32,
+                                                enabled=amp_dtype is not None):
+        for view in views:
+            total += view.inverse(torch.sigmoid(net(view.forward(image))[0].float()))
+    return total / len(views)
+
+
+def bench_overhead(args: argparse.Namespace, device: torch.device, tta: str, precision: str
+                   ) -> dict[str, Any]:
+    """CPU seconds per case of ``predict_probabilities`` (the predictor's plan and view batch) against
+    :func:`plain_loop` over a contiguous copy of the same network; the row, with their ratio."""
+    views = list(get_views(tta))
+    amp_dtype = resolve_amp_dtype(device, precision)
+    view_batch = PredictOptions().view_batch_size
+    torch.manual_seed(0)
+    norm_factory = hydra.utils.instantiate(pipeline_config(args.pipeline)["norm"])
+    bare = MODELS[args.model](width=args.width, norm=norm_factory).to(device).eval()
+    plan = inference_plan(device.type, amp_dtype)
+    wrapped = InferenceNet(copy.deepcopy(bare), plan).eval()
+    images = np.random.default_rng(0).standard_normal((4, *args.shape), dtype=np.float32)
+    image = torch.from_numpy(images)[None].to(device)
+    clock = time.process_time if device.type == "cpu" else time.perf_counter
+
+    def timed(fn: Any) -> tuple[float, torch.Tensor]:
+        sync(device)
+        start = clock()
+        out = fn()
+        sync(device)
+        return clock() - start, torch.as_tensor(out)
+
+    def predictor() -> np.ndarray:
+        return predict_probabilities(images, [wrapped], views, view_batch, device, amp_dtype)[0]
+
+    predict_probabilities(images, [wrapped], views[:1], view_batch, device, amp_dtype)  # warm-up
+    plain_loop(bare, image, views[:1], amp_dtype)
+    plain_s, predictor_s = [], []
+    for _ in range(args.repeats):  # alternating, so a changing load weighs on both alike
+        seconds, reference = timed(lambda: plain_loop(bare, image, views, amp_dtype).cpu())
+        plain_s.append(seconds)
+        seconds, probs = timed(predictor)
+        predictor_s.append(seconds)
+    diff = float((probs - reference).abs().max())
+    tolerance = 1e-3 if amp_dtype is None else 2e-2  # fp32: other kernels (oneDNN, layouts) reorder sums
+    if diff > tolerance:
+        raise RuntimeError(f"inference overhead: predictor and plain loop differ by {diff:.2e} "
+                           f"(> {tolerance:g})")
+    plain, fast = statistics.median(plain_s), statistics.median(predictor_s)
+    return {"model": args.model, "pipeline": args.pipeline, "width": args.width,
+            "shape": "x".join(map(str, args.shape)), "views": len(views), "view batch": view_batch,
+            "precision": AMP_NAMES[amp_dtype], "memory format": plan.memory_format,
+            "norms": "contiguous" if plan.contiguous_norms else "native", "plain s": round(plain, 3),
+            "predictor s": round(fast, 3), "ratio": round(fast / plain, 3), "max |diff|": f"{diff:.1e}",
+            "clock": "CPU time" if device.type == "cpu" else "wall"}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     preset = p.add_mutually_exclusive_group()
@@ -138,6 +208,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--compile", choices=["no", "yes", "both"], help="torch.compile each network")
     p.add_argument("--repeats", type=int, help="timed cases per configuration (after one warm-up case)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--overhead", action="store_true",
+                   help="predictor / plain loop over the same network and views (see the docstring)")
     p.add_argument("--no-record", action="store_true", help="print only: no JSON, no RESULTS.md row")
     args = p.parse_args(argv)
     args.argv = list(argv) if argv is not None else None
@@ -158,6 +230,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the benchmark described by parsed ``args``; print and record the table; return its rows."""
     device, info = setup(args)
+    if args.overhead:
+        rows = [bench_overhead(args, device, tta, precision)
+                for tta, precision in itertools.product(args.tta, args.precision)]
+        title = f"inference overhead: predict_probabilities / plain loop ({info['label']})"
+        finish("inference_overhead", info, vars(args), OVERHEAD_COLUMNS, rows, title, args.no_record)
+        return rows
     compile_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     rows = []
     for tta, view_batch, n_models, precision, fmt, compiled in itertools.product(

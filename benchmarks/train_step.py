@@ -35,6 +35,7 @@ import logging
 import statistics
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from typing import Any
 
@@ -96,8 +97,9 @@ class StepConfig:
 class StepTimer(pl.Callback):
     """Clock reads around every training batch (GPU synchronized), the first loss and the peak memory."""
 
-    def __init__(self, device: torch.device, warmup: int) -> None:
-        self.device, self.warmup = device, warmup
+    def __init__(self, device: torch.device, warmup: int, clock: Callable[[], float] = time.perf_counter
+                 ) -> None:
+        self.device, self.warmup, self.clock = device, warmup, clock
         self.step_s: list[float] = []
         self.iteration_s: list[float] = []
         self.losses: list[float] = []
@@ -109,12 +111,12 @@ class StepTimer(pl.Callback):
         sync(self.device)
         if batch_idx == self.warmup and self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
-        self._start = time.perf_counter()
+        self._start = self.clock()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         sync(self.device)
-        now = time.perf_counter()
+        now = self.clock()
         self.step_s.append(now - self._start)
         if self._last_end is not None:
             self.iteration_s.append(now - self._last_end)
@@ -173,7 +175,8 @@ def _quiet_lightning() -> None:
 
 
 def bench_config(cfg: StepConfig, device: torch.device, warmup: int, steps: int,
-                 compile_mode: str | None = None) -> dict[str, Any]:
+                 compile_mode: str | None = None, clock: Callable[[], float] = time.perf_counter
+                 ) -> dict[str, Any]:
     """Fit BratsModule for ``warmup + steps`` batches of ``cfg`` and return the table row (a dict)."""
     _quiet_lightning()
     if cfg.precision == "16-mixed" and device.type == "cpu":
@@ -196,7 +199,7 @@ def bench_config(cfg: StepConfig, device: torch.device, warmup: int, steps: int,
     module = BratsModule(model_config, pipeline, speed=speed)
     loader = DataLoader(FixedCrops(cfg.batch * (warmup + steps), cfg.size), batch_size=cfg.batch,
                         collate_fn=collate_cases, pin_memory=device.type == "cuda")
-    timer = StepTimer(device, warmup)
+    timer = StepTimer(device, warmup, clock)
     trainer = pl.Trainer(
         accelerator="gpu" if device.type == "cuda" else "cpu",
         devices=[device.index or 0] if device.type == "cuda" else 1, precision=cfg.precision, max_epochs=1,
@@ -231,7 +234,8 @@ def _summarize(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def run_configs(configs: list[StepConfig], device: torch.device, warmup: int, steps: int,
-                compile_mode: str | None = None, rounds: int = 1) -> list[dict[str, Any]]:
+                compile_mode: str | None = None, rounds: int = 1,
+                clock: Callable[[], float] = time.perf_counter) -> list[dict[str, Any]]:
     """Time every configuration in turn (memory released and dynamo reset between them).
 
     With ``rounds`` > 1 the whole list runs again round-robin and each row pools the timed steps of all
@@ -242,7 +246,7 @@ def run_configs(configs: list[StepConfig], device: torch.device, warmup: int, st
     for r in range(rounds):
         for i, cfg in enumerate(configs):
             log.info("[round %d/%d, %d/%d] %s", r + 1, rounds, i + 1, len(configs), asdict(cfg))
-            row = bench_config(cfg, device, warmup, steps, compile_mode)
+            row = bench_config(cfg, device, warmup, steps, compile_mode, clock)
             if r == 0:
                 rows.append(row)
             elif "_step_s" in row and "_step_s" in rows[i]:
@@ -281,6 +285,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=1,
                    help="run the configurations round-robin this many times, pooling their steps")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--cpu-time", action="store_true",
+                   help="time steps in CPU seconds of this process (time.process_time): with --threads 1, "
+                        "what other jobs' load changes least")
     p.add_argument("--no-record", action="store_true", help="print only: no JSON, no RESULTS.md row")
     args = p.parse_args(argv)
     args.argv = list(argv) if argv is not None else None
@@ -315,11 +322,12 @@ def configs_from_args(args: argparse.Namespace) -> list[StepConfig]:
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     """Run the benchmark described by parsed ``args``; print and record the table; return its rows."""
     device, info = setup(args)
+    clock = time.process_time if args.cpu_time else time.perf_counter
     rows = run_configs(configs_from_args(args), device, args.warmup, args.steps, args.compile_mode,
-                       args.rounds)
+                       args.rounds, clock)
     rounds = f" x {args.rounds} rounds" if args.rounds > 1 else ""
     title = (f"train step through Trainer.fit(BratsModule) ({info['label']}; warm-up {args.warmup}, "
-             f"median of {args.steps}{rounds})")
+             f"median of {args.steps}{rounds}{'; CPU time' if args.cpu_time else ''})")
     finish("train_step", info, vars(args), COLUMNS, rows, title, args.no_record)
     return rows
 

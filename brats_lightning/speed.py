@@ -197,7 +197,7 @@ def cpu_memory_format(precision: str, capability: str, inference: bool = False) 
     Measured (docs/performance.md, benchmarks/RESULTS.md; EquiUnet w=8, 64^3 training crops, 80x96x80
     inference boxes): on a bf16 Xeon (AVX512 with native bf16), channels_last_3d with contiguous norms made
     the bf16 training step 1.22x (pipeline A) / 1.35x (B) faster, fp32 1.11x (A), and bf16 inference 1.22x;
-    on an AVX2 AMD EPYC (no native bf16, so fp32; 1 thread, CPU time), the fp32 training step 1.05x (A) /
+    on an AVX2 AMD EPYC (no native bf16, so fp32; 1 thread, CPU time), the fp32 training step 1.15x (A) /
     1.33x (B, batch 3) faster, and fp32 inference with the native norms 1.12x. CPUs of other kinds (ARM,
     no AVX2) were not measured: contiguous.
 
@@ -214,7 +214,7 @@ def cpu_memory_format(precision: str, capability: str, inference: bool = False) 
     if capability.startswith("AVX512"):
         return "channels_last_3d", f"auto: fp32 on {capability}, 1.11x faster on a Xeon (docs/performance.md)"
     if capability == "AVX2":
-        gain = "inference 1.12x" if inference else "training A 1.05x, B 1.33x"
+        gain = "inference 1.12x" if inference else "training A 1.15x, B 1.33x"
         return "channels_last_3d", f"auto: fp32 on AVX2, {gain} faster on an AMD EPYC (docs/performance.md)"
     return "contiguous", f"auto: not measured on a {capability} CPU"
 

@@ -102,3 +102,19 @@ def test_cpu_path_runs_tiny(results_dir: Path) -> None:
     assert "channels_last_3d speed-up, fp32" in names
     assert sum(n.startswith("inference per case, 8 views") for n in names) == 3
     assert not (results_dir / "RESULTS.md").exists()  # --no-record
+
+
+def test_inference_overhead_row_tiny(results_dir: Path) -> None:
+    """`benchmarks.inference --overhead`: the predictor's path against a plain loop over the same network and
+    views (issue 18), recorded; the benchmark itself refuses probabilities that differ."""
+    from benchmarks import inference
+    from brats_lightning.speed import inference_plan
+
+    (row,) = inference.run(inference.parse_args(["--tiny", "--overhead", "--tta", "flips"]))
+    plan = inference_plan("cpu", None)
+    assert (row["views"], row["view batch"], row["memory format"], row["clock"]) == (
+        8, 4, plan.memory_format, "CPU time")
+    assert row["norms"] == ("contiguous" if plan.contiguous_norms else "native")
+    assert row["ratio"] == pytest.approx(row["predictor s"] / row["plain s"], rel=1e-2)
+    assert float(row["max |diff|"]) <= 1e-5
+    assert "### inference_overhead:" in (results_dir / "RESULTS.md").read_text()
