@@ -380,28 +380,23 @@ class ModelPackage:
                                "damaged or not from brats-lightning export: re-export it") from None
 
     def check_cases(self, cases: Sequence) -> None:
-        """Refuse cases this package cannot predict: another label convention (naming and ET code) than the
-        one it was trained on, or a channel the package needs that the case lacks.
+        """Refuse cases of another data-set family than the one the package was trained on: their channel
+        files (t1n, t1c, t2w, t2f vs t1, t1ce, t2, flair) and label codes (ET 3 vs 4) do not match.
 
         Raises:
             PackageError: naming the first such case.
         """
-        for case in cases:
-            if case.convention.name != self.label_convention:
-                raise PackageError(
-                    f"case {case.case_id} ({case.folder}): {case.convention.name} naming and labels (ET = "
-                    f"{case.convention.et}); this package was trained on {self.label_convention} data and "
-                    "writes its codes: predict it with a package trained on "
-                    f"{case.convention.name} data, or rename and relabel the case")
-            for name in self.pipelines:
-                from brats_lightning.data.layout import MODALITIES
+        from brats_lightning.data.labels import get_convention
 
-                needed = self.metadata["pipelines"][name]["channels"]
-                present = [m for m, image in zip(MODALITIES, case.images, strict=True) if image]
-                missing = [c for c in needed if c not in present]
-                if missing:
-                    raise PackageError(f"case {case.case_id} ({case.folder}): pipeline {name} needs channels "
-                                       f"{needed}, the case lacks {missing}: add them to the case")
+        trained = get_convention(self.label_convention)
+        for case in cases:
+            if case.convention.name != trained.name:
+                raise PackageError(
+                    f"case {case.case_id} ({case.folder}): {case.dataset.title} data (channels "
+                    f"{', '.join(case.dataset.naming.suffixes)}; labels {case.convention.name}, ET = "
+                    f"{case.convention.et}); this package was trained on {trained.name} data (ET = "
+                    f"{trained.et}) and writes its codes: predict these cases with a package trained on "
+                    f"{case.convention.name} data")
 
     # ---------------------------------------------------------------------------------------- networks
     def runs(self, pipeline: str) -> list[Run]:

@@ -272,7 +272,8 @@ def test_data_that_does_not_match_the_package(exported, synthetic_root_2023, tmp
     package_path, _ = exported
     out = tmp_path / "pred"
     _refused(package_path, synthetic_root_2023, out, capsys,
-             "brats2023 naming and labels (ET = 3); this package was trained on brats2020 data")
+             "(channels t1n, t1c, t2w, t2f; labels brats2023, ET = 3); this package was trained on brats2020 "
+             "data (ET = 4)")
     metadata = ModelPackage.open(package_path).metadata
     metadata["pipelines"]["A"]["channels"] = ["t1", "t1ce", "t2", "adc"]
     bad = _rewrite(package_path, tmp_path / "channels.zip", {"package.json": json.dumps(metadata).encode()},
