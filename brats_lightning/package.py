@@ -683,6 +683,9 @@ def predict_command(args: argparse.Namespace) -> int:
         raise UserError(f"predict --model: {', '.join(given)} choose runs of a training tree; a package "
                         "holds its chosen networks already: drop them (or export another package)")
     package = ModelPackage.open(args.model)
+    if args.uncertainty and len(package.pipelines) == 2 and not args.keep_pipelines:
+        raise UserError("predict --model: --uncertainty writes each pipeline's maps (the merge has none) and "
+                        "this package has two: add --keep-pipelines (maps in OUT/pipelines/{A,B})")
     base = PredictOptions(view_batch_size=args.view_batch, device=args.device, precision=args.precision,
                           uncertainty=args.uncertainty, uncertainty_kind=args.uncertainty_kind,
                           save_probabilities=not args.no_probs)

@@ -287,6 +287,9 @@ def test_predict_model_refuses_run_selection_options(exported, tiny_dataset, tmp
     code, _, err = _cli(["predict", "--model", package_path, "--data", tiny_dataset, "--out", tmp_path / "o",
                          "--select", "best2"], capsys)
     assert code == 2 and "--select choose runs of a training tree" in err
+    code, _, err = _cli(["predict", "--model", package_path, "--data", tiny_dataset, "--out", tmp_path / "o",
+                         "--uncertainty"], capsys)
+    assert code == 2 and "add --keep-pipelines" in err
     assert not (tmp_path / "o").exists()
 
 
