@@ -35,7 +35,7 @@ from brats_lightning.data.datasets import (
     dataset_for_year,
     get_dataset,
 )
-from brats_lightning.data.labels import LabelConvention
+from brats_lightning.data.labels import REGIONS, LabelConvention
 from brats_lightning.errors import UserError
 
 NIFTI_SUFFIXES: tuple[str, str] = (".nii.gz", ".nii")
@@ -291,14 +291,24 @@ def dataset_of_config(data: Mapping[str, Any]) -> DataSet:
     return dataset_of(root)
 
 
+def n_regions(data: Mapping[str, Any]) -> int:
+    """The number of region channels of the data set a ``data`` config describes (3, or 4 with a
+    resection cavity). A folder without usable cases gives the 3 tumour regions: the data check that runs
+    before training then names its problems in a plain message (an error raised while a config is
+    resolved would reach the user wrapped in a traceback)."""
+    try:
+        return len(dataset_of_config(data).regions)
+    except UserError:
+        return len(REGIONS)
+
+
 def register_resolvers() -> None:
-    """Register ``${n_regions:${data}}``, the number of region channels (3, or 4 with a resection cavity)
-    of the configured data set (:func:`dataset_of_config`): conf/model/*.yaml set ``out_channels`` with it.
-    Safe to call twice; importing this module calls it, so any code that reads a data config has it."""
+    """Register ``${n_regions:${data}}`` (:func:`n_regions`): conf/model/*.yaml set ``out_channels`` with
+    it. Safe to call twice; importing this module calls it, so any code that reads a data config has it."""
     from omegaconf import OmegaConf
 
     if not OmegaConf.has_resolver("n_regions"):
-        OmegaConf.register_new_resolver("n_regions", lambda data: len(dataset_of_config(data).regions))
+        OmegaConf.register_new_resolver("n_regions", n_regions)
 
 
 def _label_file_case(path: Path, flat: bool) -> str | None:

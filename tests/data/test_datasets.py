@@ -155,6 +155,8 @@ def test_n_regions_follows_the_data_set(tmp_path, synthetic_root, synthetic_root
     assert out_channels({"root": str(tmp_path / "not_yet"), "generate": {**generate, "year": 2021}}) == 3
     assert out_channels({"root": str(synthetic_root), "generate": None}) == 3
     assert out_channels({"root": str(synthetic_root_2024), "generate": None}) == 4
+    (tmp_path / "empty").mkdir()  # no cases: the tumour regions; the data check then names the problem
+    assert out_channels({"root": str(tmp_path / "empty"), "generate": None}) == 3
     for config in sorted((REPO / "conf" / "model").glob("*.yaml")):
         assert "  out_channels: ${n_regions:${data}}" in config.read_text(), config.name
 
