@@ -32,9 +32,13 @@ from omegaconf import DictConfig, OmegaConf
 from pytorch_lightning.loggers import WandbLogger
 
 from brats_lightning.callbacks.fast_swa import register_resolvers
+from brats_lightning.data.layout import register_resolvers as register_data_resolvers
 
 log = logging.getLogger("brats_lightning.train")
+# Registered when train.py is imported, in the launching process too: Hydra's joblib launcher gives every job
+# the launcher's resolvers (Singleton state), so a resolver registered inside a job would be gone in the next.
 register_resolvers()  # ${fast_swa_epochs:...} in conf/callbacks/fast_swa.yaml (trainer.max_epochs)
+register_data_resolvers()  # ${n_regions:${data}} in conf/model/*.yaml (out_channels)
 
 # Lightning notices that both the module and the data module could define on_after_batch_transfer; only the
 # module does (batch augmentation on the device), which is what Lightning uses.

@@ -30,6 +30,7 @@ from pytorch_lightning.trainer.states import TrainerFn
 from pytorch_lightning.utilities.exceptions import SIGTERMException
 
 from brats_lightning.data.io import atomic_path
+from brats_lightning.locks import pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -178,16 +179,6 @@ class StopOnSignal(pl.Callback):
             log.info("wrote %s (epoch %d, step %d)", self.last_path, *self.stopped_at)
 
 
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # someone else's process
-        return True
-    return True
-
-
 def remove_stale_temp_files(folder: str | Path) -> list[Path]:
     """Delete the temporary files (and folders) that :func:`~brats_lightning.data.io.atomic_path` left under
     ``folder`` (recursively) when its process was killed mid-write: those whose writing process is gone.
@@ -201,7 +192,7 @@ def remove_stale_temp_files(folder: str | Path) -> list[Path]:
         return removed
     for path in sorted(folder.rglob(".tmp-*")):
         match = _TEMP_NAME.match(path.name)
-        if match is None or int(match["pid"]) == os.getpid() or _process_alive(int(match["pid"])):
+        if match is None or int(match["pid"]) == os.getpid() or pid_alive(int(match["pid"])):
             continue
         if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path, ignore_errors=True)

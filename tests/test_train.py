@@ -222,9 +222,10 @@ def test_multirun_two_folds_then_resume(tmp_path):
                     cwd=tmp_path)
     assert len(list(data_root.iterdir())) >= 6  # the generated cases
     log = result.stdout + result.stderr
-    assert log.count("using bf16-mixed") + log.count("using 32-true") == 2  # one precision line per job
+    lines = set(log.splitlines())  # the loky workers' log lines can reach both streams
+    assert len([line for line in lines if "using bf16-mixed" in line or "using 32-true" in line]) == 2
     # not a terminal: one plain line per epoch and job, with losses, validation Dice, lr, time and ETA
-    epoch_lines = [line for line in log.splitlines() if re.search(r"epoch [12]/2  train/loss ", line)]
+    epoch_lines = [line for line in lines if re.search(r"epoch [12]/2  train/loss ", line)]
     assert len(epoch_lines) == 4, log[-3000:]
     line_format = (r"\(main [\d.]+\)  val/loss [\d.]+  val Dice [\d.]+ \(ET [\d.]+ TC [\d.]+ WT [\d.]+\)"
                    r"  lr [\d.e+-]+  [\d.]+ s/epoch  ETA \d+m\d\ds")

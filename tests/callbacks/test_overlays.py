@@ -161,3 +161,31 @@ def test_worst_cases_drawn_beside_the_fixed_ones(tmp_path: Path) -> None:
     others = sorted((c for c in CASE_IDS if c != "case_a"), key=lambda c: means[c])
     assert sorted(p.name for p in (tmp_path / "overlays").glob("*.png")) == sorted(
         ["epoch000_case_a.png", *(f"epoch000_worst_{case}.png" for case in others[:2])])
+
+
+def test_slice_index_is_the_original_grids(tmp_path: Path) -> None:
+    """With a datamodule that knows each case's brain box (as BratsDataModule's cache does), the slice
+    index shown is the cropped one plus the box start along z."""
+    from types import SimpleNamespace
+
+    class BoxedData(pl.LightningDataModule):
+        def __init__(self) -> None:
+            super().__init__()
+            self.data = [make_case(case_id, seed) for seed, case_id in enumerate(CASE_IDS)]
+            self.val_cases = [SimpleNamespace(case_id=c) for c in CASE_IDS]
+            box = SimpleNamespace(start=(3, 5, 7))  # the brain box in the original grid
+            self.cache = SimpleNamespace(get=lambda case: SimpleNamespace(box=box))
+
+        def train_dataloader(self) -> DataLoader:
+            return DataLoader(self.data, batch_size=2, collate_fn=collate)
+
+        val_dataloader = train_dataloader
+
+    cropped = OverlayCallback(cases=2)
+    fit(tmp_path / "cropped", cropped, logger=False, max_epochs=1)
+    boxed = OverlayCallback(cases=2)
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", logger=False, default_root_dir=tmp_path / "boxed",
+                         callbacks=[boxed], enable_checkpointing=False, enable_progress_bar=False,
+                         enable_model_summary=False, limit_train_batches=2, num_sanity_val_steps=0)
+    trainer.fit(TinyModule(), datamodule=BoxedData())
+    assert {c: d.z for c, d in boxed.slices.items()} == {c: d.z + 7 for c, d in cropped.slices.items()}
