@@ -20,7 +20,12 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from brats_lightning.data.augment import BatchAugment
-from brats_lightning.data.labels import REGIONS, convention_for_regions
+from brats_lightning.data.labels import (
+    REGIONS,
+    convention_for_regions,
+    labels_to_regions_torch,
+    regions_to_labels_torch,
+)
 from brats_lightning.data.preprocess import Box
 from brats_lightning.losses import DeepSupervisionLoss, DiceLoss
 from brats_lightning.memory import build_network
@@ -54,10 +59,14 @@ class BratsModule(pl.LightningModule):
     augmented on the device (:class:`~brats_lightning.data.augment.BatchAugment`, training only), and the loss
     is ``DeepSupervisionLoss(DiceLoss(squared))`` (main output + 4 deep heads). Validation batches hold the
     whole brain box padded to a multiple of 8 plus the unpadding ``box`` (docs/contracts.md); logits are
-    unpadded, thresholded at sigmoid > 0.5 and scored per case with :func:`~brats_lightning.metrics.region_dice`.
+    unpadded, thresholded at sigmoid > 0.5, turned into the label map inference writes and back into its
+    (nested) regions, and scored per case with :func:`~brats_lightning.metrics.region_dice`.
 
-    Logged: ``train/loss`` (step and epoch), ``val/loss``, ``val/dice_et``, ``val/dice_tc``, ``val/dice_wt``,
-    ``val/dice_mean`` (means over validation cases) and, when ``validation.hd95`` is true, ``val/hd95_*``.
+    Logged: ``train/loss`` (step and epoch; with the deep-supervision heads), ``train/loss_main`` (epoch; the
+    main head alone), ``val/loss``, ``val/dice_et``, ``val/dice_tc``, ``val/dice_wt``, ``val/dice_mean`` (the
+    label map's Dice: what the suite writes and scores; means over validation cases),
+    ``val/channel_dice_{et,tc,wt,mean}`` (each thresholded output channel on its own, before the label map)
+    and, when ``validation.hd95`` is true, ``val/hd95_*`` (label map).
 
     Args:
         model_config: Hydra config of the network (``_target_`` + kwargs), e.g. conf/model/equiunet.yaml.
@@ -165,6 +174,9 @@ class BratsModule(pl.LightningModule):
         with torch.no_grad():
             case_losses = self.loss.base.per_sample(logits.detach(), target).mean(dim=1)
         self.log("train/loss", loss, on_step=True, on_epoch=True, prog_bar=True, batch_size=image.shape[0])
+        # the main head alone: comparable with val/loss (train/loss adds the deep-supervision heads)
+        self.log("train/loss_main", case_losses.mean(), on_step=False, on_epoch=True,
+                 batch_size=image.shape[0])
         return {"loss": loss, "case_losses": case_losses, "case_id": batch.get("case_id")}
 
     def score_batch(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
@@ -175,9 +187,10 @@ class BratsModule(pl.LightningModule):
 
         Returns:
             ``(metrics, pred_regions)``: ``metrics`` maps ``loss`` (mean Dice loss over the batch's cases),
-            ``dice_mean``, ``dice_et``, ``dice_tc``, ``dice_wt`` (means over the batch's cases, BraTS empty
-            rules) and, when ``validation.hd95`` is on, ``hd95_et``... to 0-d tensors; ``pred_regions`` is
-            bool (B, 3, X, Y, Z) unpadded.
+            ``dice_mean``, ``dice_et``, ``dice_tc``, ``dice_wt`` (the label map's nested regions, means over
+            the batch's cases, BraTS empty rules), ``channel_dice_*`` (the thresholded channels as they are)
+            and, when ``validation.hd95`` is on, ``hd95_et``... to 0-d tensors; ``pred_regions`` is bool
+            (B, 3, X, Y, Z) unpadded, the label map's regions.
         """
         image, target, boxes = batch["image"], batch["target"], batch["box"]
         logits = self.run_net(image, deep_outputs=True if self.val_deep_supervision else None)
@@ -185,7 +198,7 @@ class BratsModule(pl.LightningModule):
         if isinstance(logits, (tuple, list)):  # a network left in training mode by a callback
             logits = logits[0]
         conv = convention_for_regions(logits.shape[1])  # ET, TC, WT and, for BraTS 2024, RC
-        losses, preds, extra = [], [], []
+        losses, preds, channel_preds, extra = [], [], [], []
         for i, box_info in enumerate(boxes):
             box = box_info if isinstance(box_info, Box) else Box.from_dict(box_info)
             crop = (slice(None), slice(None), *box.slices)
@@ -193,7 +206,9 @@ class BratsModule(pl.LightningModule):
             case_target = target[i : i + 1]
             case_deeps = [deep[i : i + 1][crop] for deep in deeps]
             losses.append(self.loss((case_logits, case_deeps) if case_deeps else case_logits, case_target))
-            preds.append(torch.sigmoid(case_logits.float()) > 0.5)
+            channel_preds.append(torch.sigmoid(case_logits.float()) > 0.5)
+            # what inference writes: the label map (ET first, then TC, then WT) and its nested regions
+            preds.append(labels_to_regions_torch(regions_to_labels_torch(channel_preds[-1], conv), conv))
             if self.hd95:  # the tumour regions (case_metrics scores ET, TC, WT)
                 spacing = tuple(batch["spacing"][i]) if "spacing" in batch else (1.0, 1.0, 1.0)
                 tumour = slice(0, len(REGIONS))
@@ -201,9 +216,12 @@ class BratsModule(pl.LightningModule):
                                           case_target[0, tumour].cpu().numpy(), spacing=spacing, hd95=True))
         pred = torch.cat(preds)
         dice = region_dice(pred, target.bool()).float()  # (B, 3), BraTS empty rules
-        metrics = {"loss": torch.stack(losses).mean(), "dice_mean": dice.mean()}
+        channel = region_dice(torch.cat(channel_preds), target.bool()).float()
+        metrics = {"loss": torch.stack(losses).mean(), "dice_mean": dice.mean(),
+                   "channel_dice_mean": channel.mean()}
         for c, region in enumerate(conv.regions):
             metrics[f"dice_{region.lower()}"] = dice[:, c].mean()
+            metrics[f"channel_dice_{region.lower()}"] = channel[:, c].mean()
         if extra:
             for region in REGIONS:
                 key = f"hd95_{region.lower()}"
