@@ -256,9 +256,11 @@ class DataProblems(UserError):
                          f"{problems_table(self.problems, root)}\n{fix}")
 
 
-def count_cases(root: str | Path) -> int:
-    """Number of complete cases found under ``root``."""
-    return len(scan_dataset(root)[0])
+def describe_cases(root: str | Path, what: str = "cases") -> str:
+    """``"6 cases (brats2020)"``: the number of complete cases found under ``root`` and their data sets."""
+    cases = scan_dataset(root)[0]
+    names = ", ".join(sorted({case.dataset.name for case in cases}))
+    return f"{len(cases)} {what}" + (f" ({names})" if names else "")
 
 
 # --------------------------------------------------------------------------------------------------- CLI
@@ -280,10 +282,10 @@ def run(args: argparse.Namespace) -> int:
 
     console = Console()
     problems = check_dataset(args.data, fast=args.fast, workers=args.workers)
-    n_cases = count_cases(args.data)
+    found = describe_cases(args.data, "cases" if not problems else "complete cases")
     mode = "headers only" if args.fast else "full check"
     if not problems:
-        console.print(f"{n_cases} cases, no problems ({mode}) in {args.data}")
+        console.print(f"{found}, no problems ({mode}) in {args.data}")
         return 0
     table = Table(title=f"check-data {args.data} ({mode})", show_lines=False)
     table.add_column("case", style="bold", overflow="fold")
@@ -297,5 +299,5 @@ def run(args: argparse.Namespace) -> int:
     console.print(table)
     n_bad = len({p.case for p in problems})
     console.print(f"[red]{len(problems)} problem(s) in {n_bad} case(s)[/red] "
-                  f"({n_cases} complete cases found)")
+                  f"({found} found)")
     return 1

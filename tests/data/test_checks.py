@@ -100,7 +100,7 @@ def test_clean_synthetic_set(synthetic_root, capsys, monkeypatch):
     assert check_dataset(synthetic_root) == []
     assert check_dataset(synthetic_root, fast=True) == []
     assert main(["check-data", str(synthetic_root), "--workers", "1"]) == 0
-    assert "6 cases, no problems" in capsys.readouterr().out
+    assert "6 cases (brats2020), no problems" in capsys.readouterr().out
 
 
 def test_every_failure_reported(broken_root):
