@@ -46,7 +46,6 @@ class Naming:
 
 NAMING_2020 = Naming("brats2020", "_", ("t1", "t1ce", "t2", "flair"), "seg")
 NAMING_2023 = Naming("brats2023", "-", ("t1n", "t1c", "t2w", "t2f"), "seg")
-NAMINGS: tuple[Naming, Naming] = (NAMING_2020, NAMING_2023)
 
 
 @dataclass(frozen=True)
