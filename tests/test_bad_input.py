@@ -316,11 +316,12 @@ def test_training_on_bad_data_stops_before_training_with_one_message(corpus, tmp
     env = dict(os.environ, WANDB_MODE="disabled")
     result = subprocess.run(
         [sys.executable, str(REPO / "train.py"), "experiment=smoke", f"data.root={root}",
-         "data.generate=null", "data.n_folds=2", f"paths.output_dir={tmp_path / 'outputs'}",
+         "data.generate=null", "data.n_folds=2", f"hydra.run.dir={tmp_path / 'run'}",
          f"paths.cache_dir={tmp_path / 'cache'}"],
         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     text = result.stdout + result.stderr
     assert result.returncode == 2, text[-3000:]
     assert f"{BAD}/{BAD}_t1.nii.gz: t1 holds 2 non-finite voxels" in text and "Traceback" not in text
-    run_dir = tmp_path / "outputs" / "smoke" / "A" / "equiunet" / "fold0"
+    run_dir = tmp_path / "run"
     assert not (run_dir / "run.json").exists() and not list(run_dir.glob("checkpoints/*.ckpt"))
+    assert not (run_dir / ".brats-lightning.lock").exists()  # released

@@ -110,12 +110,12 @@ def test_racing_jobs_take_a_free_folder_once(tmp_path):
 @pytest.mark.slow
 def test_second_train_job_on_a_run_folder_is_refused(tmp_path):
     """train.py exits 2 at start, before touching data, naming the job that holds the run folder."""
-    run_dir = tmp_path / "outputs" / "smoke" / "A" / "equiunet" / "fold0"
+    run_dir = tmp_path / "outputs" / "fold0"
     proc = _holder(run_dir)
     try:
         env = dict(os.environ, WANDB_MODE="disabled")
         result = subprocess.run(
-            [sys.executable, str(REPO / "train.py"), "experiment=smoke",
+            [sys.executable, str(REPO / "train.py"), "experiment=smoke", f"hydra.run.dir={run_dir}",
              f"paths.data_dir={tmp_path / 'data'}", f"paths.cache_dir={tmp_path / 'cache'}"],
             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     finally:
