@@ -15,7 +15,8 @@ What runs (each benchmark also records its own table; see the modules' docstring
   CPU: 2 mm, 64^3, 0/1/2 workers).
 - ``inference``: seconds per case of ``predict_probabilities`` (GPU: w=48, 144x176x144, 16 views at view
   batch 1 and 8 with one model, and 16 views x 5 models eager and compiled; CPU: w=8, 80x96x80, 16 views x
-  1 model in both memory formats, x 2 models in channels_last_3d).
+  1 model in both memory formats, x 2 models in channels_last_3d; and the predictor's overhead against a
+  plain loop over the same network and 8 flips, ``inference.py --overhead``).
 - ``cache``: one training sample from raw .nii.gz vs the memory-mapped cache (1 mm case, 128^3 crop).
 - ``metrics``: Dice + HD95 + sensitivity + specificity of one 240x240x155 case, and its lesion-wise scores
   (BraTS 2023, 10 lesions) against the whole-volume baseline.
@@ -145,6 +146,11 @@ def run_inference(gpu: bool, tiny: bool, device: torch.device, compile_on: bool,
     info = describe_device(device)
     finish("inference", info, {**vars(args), "command": command}, inference.COLUMNS, list(done.values()),
            f"inference per case: predict_probabilities (TTA x models) ({info['label']})", not record)
+    if not gpu:  # the predictor's path against a plain loop over the same network and 8 flips (issue 18)
+        results["overhead"] = inference.bench_overhead(args, device, "flips", precision)
+        finish("inference_overhead", info, {**vars(args), "command": command}, inference.OVERHEAD_COLUMNS,
+               [results["overhead"]], f"inference overhead: predictor / plain loop ({info['label']})",
+               not record)
     return results
 
 
@@ -312,6 +318,11 @@ def cpu_checks(train: dict, infer: dict, data: list, cached: list, metric: list,
                 checks.append(Check(f"inference per case, {row['views']} views x {row['models']} model(s), "
                                     f"{row['shape']}, {row['precision']}, {row['memory format']}",
                                     _fmt(_ms(row, "s/case"), "s", 2)))
+        if "overhead" in infer:
+            ratio = infer["overhead"]["ratio"]
+            checks.append(Check("inference overhead: predictor / plain loop, 8 flips (CPU time)",
+                                _fmt(ratio, "x", 2), "1.24x before (issue 18)", "<= 1.05x",
+                                _status(ratio, 1.05, compared)))
     checks += data_checks(train, data, compared, gpu=False)
     if cached:
         checks.append(Check(f"one training sample from the cache ({cached[1]['case'].split(',')[0]})",

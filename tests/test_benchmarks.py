@@ -101,6 +101,7 @@ def test_cpu_path_runs_tiny(results_dir: Path) -> None:
     names = [c.check for c in checks]
     assert "channels_last_3d speed-up, fp32" in names
     assert sum(n.startswith("inference per case, 8 views") for n in names) == 3
+    assert "inference overhead: predictor / plain loop, 8 flips (CPU time)" in names
     assert not (results_dir / "RESULTS.md").exists()  # --no-record
 
 
