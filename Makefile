@@ -9,7 +9,7 @@ TORCH ?= torch==2.13.0
 ARGS ?=
 DEMO_NAME ?= demo
 
-.PHONY: install test demo train ensemble paper lint bench bench-gpu
+.PHONY: install test test-full demo train ensemble paper lint bench bench-gpu gpu-check
 
 $(BIN)/.installed: setup.cfg pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -21,6 +21,12 @@ install: $(BIN)/.installed  ## create .venv and install the package with its dep
 
 test: install  ## run the test suite (CPU, about 6 minutes on 2 cores)
 	WANDB_MODE=disabled $(BIN)/python -m pytest
+
+# The paper-size CPU checks `make test` leaves out (pytest marker "full"): the full-size path (1 mm cases,
+# EquiUnet w=48 on 128^3 crops, A and B, predict, merge; about 10 GB of RAM, tens of minutes on 2 cores) and
+# the memory plan against the measured peak RSS.
+test-full: install  ## the paper-size CPU tests (pytest -m full; tens of minutes, ~10 GB RAM)
+	WANDB_MODE=disabled $(BIN)/python -m pytest -m full
 
 lint: install  ## static checks
 	$(BIN)/ruff check brats_lightning tests benchmarks experiments train.py ensemble.py
@@ -51,3 +57,6 @@ bench: install  ## CPU benchmarks (< 5 minutes); results appended to benchmarks/
 
 bench-gpu: install  ## the paper-size GPU benchmarks, one table against the targets
 	$(BIN)/python -m benchmarks.run_all --gpu $(ARGS)
+
+gpu-check: install  ## GPU acceptance: 16-mixed + compile, kill/resume, fast SWA, fp16 TTA, DDP, bench-gpu
+	$(BIN)/python -m benchmarks.gpu_check $(ARGS)
