@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
 import uuid
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -53,6 +54,21 @@ from brats_lightning.distributed import file_lock
 from brats_lightning.errors import UserError
 
 log = logging.getLogger(__name__)
+
+
+def leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    """DataLoader ``worker_init_fn``: workers ignore SIGINT and SIGTERM, which reach the whole process group
+    (Ctrl-C, SLURM's time limit). The training process stops at the next batch and shuts its workers down
+    (train.py, checkpointing.StopOnSignal); torch's own handler would end a worker at once, and the training
+    process would fail mid-step with "DataLoader worker ... killed by signal". A worker still ends with its
+    parent (torch's watchdog). Lightning's own worker seeding (``seed_everything(workers=True)``), which
+    it adds only to loaders without a ``worker_init_fn``, runs here too."""
+    from lightning_fabric.utilities.seed import pl_worker_init_function
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    if os.environ.get("PL_SEED_WORKERS") == "1":
+        pl_worker_init_function(worker_id)
 
 
 def collate_cases(samples: Sequence[dict[str, Any]]) -> dict[str, Any]:
@@ -375,7 +391,8 @@ class BratsDataModule(pl.LightningDataModule):
     def _loader(self, dataset: Dataset, batch_size: int, shuffle: bool) -> DataLoader:
         return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, num_workers=self.num_workers,
                           collate_fn=collate_cases, pin_memory=torch.cuda.is_available(),
-                          persistent_workers=self.num_workers > 0, drop_last=False)
+                          persistent_workers=self.num_workers > 0, drop_last=False,
+                          worker_init_fn=leave_stop_signals_to_the_trainer)
 
     def train_dataloader(self) -> DataLoader:
         """Random crops of the training cases, shuffled; one epoch = one pass over them."""
