@@ -34,7 +34,9 @@ import copy
 import gc
 import itertools
 import logging
+import shlex
 import statistics
+import sys
 import time
 from typing import Any
 
@@ -234,7 +236,10 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
         rows = [bench_overhead(args, device, tta, precision)
                 for tta, precision in itertools.product(args.tta, args.precision)]
         title = f"inference overhead: predict_probabilities / plain loop ({info['label']})"
-        finish("inference_overhead", info, vars(args), OVERHEAD_COLUMNS, rows, title, args.no_record)
+        command = "python -m benchmarks.inference " + shlex.join(args.argv if args.argv is not None
+                                                                 else sys.argv[1:])
+        finish("inference_overhead", info, {**vars(args), "command": command}, OVERHEAD_COLUMNS, rows, title,
+               args.no_record)
         return rows
     compile_modes = {"no": [False], "yes": [True], "both": [False, True]}[args.compile]
     rows = []

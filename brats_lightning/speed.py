@@ -198,8 +198,9 @@ def cpu_memory_format(precision: str, capability: str, inference: bool = False) 
     inference boxes): on a bf16 Xeon (AVX512 with native bf16), channels_last_3d with contiguous norms made
     the bf16 training step 1.22x (pipeline A) / 1.35x (B) faster, fp32 1.11x (A), and bf16 inference 1.22x;
     on an AVX2 AMD EPYC (no native bf16, so fp32; 1 thread, CPU time), the fp32 training step 1.15x (A) /
-    1.33x (B, batch 3) faster, and fp32 inference with the native norms 1.12x. CPUs of other kinds (ARM,
-    no AVX2) were not measured: contiguous.
+    1.47x (B, batch 3) faster, and the predictor's fp32 inference with the native norms took 0.79x (A) /
+    1.0-1.15x (B) the time of a plain loop over a contiguous network. CPUs of other kinds (ARM, no AVX2)
+    were not measured: contiguous.
 
     Args:
         precision: the Lightning precision (or "fp32" / "bf16" for inference).
@@ -214,7 +215,7 @@ def cpu_memory_format(precision: str, capability: str, inference: bool = False) 
     if capability.startswith("AVX512"):
         return "channels_last_3d", f"auto: fp32 on {capability}, 1.11x faster on a Xeon (docs/performance.md)"
     if capability == "AVX2":
-        gain = "inference 1.12x" if inference else "training A 1.15x, B 1.33x"
+        gain = "inference A 1.27x" if inference else "training A 1.15x, B 1.47x"
         return "channels_last_3d", f"auto: fp32 on AVX2, {gain} faster on an AMD EPYC (docs/performance.md)"
     return "contiguous", f"auto: not measured on a {capability} CPU"
 
