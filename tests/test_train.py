@@ -223,7 +223,7 @@ def test_multirun_two_folds_then_resume(tmp_path):
     assert len(list(data_root.iterdir())) >= 6  # the generated cases
     log = result.stdout + result.stderr
     lines = set(log.splitlines())  # the loky workers' log lines can reach both streams
-    assert len([line for line in lines if "using bf16-mixed" in line or "using 32-true" in line]) == 2
+    assert len([line for line in lines if "using bf16-mixed" in line or "using 32-true" in line]) >= 2
     # not a terminal: one plain line per epoch and job, with losses, validation Dice, lr, time and ETA
     epoch_lines = [line for line in lines if re.search(r"epoch [12]/2  train/loss ", line)]
     assert len(epoch_lines) == 4, log[-3000:]
@@ -290,10 +290,12 @@ def test_multirun_two_folds_then_resume(tmp_path):
 
     # the same job with other settings is refused, naming what changed: nothing is touched
     run_dir = tmp_path / "outputs" / "smoke" / "smoke" / "A" / "equiunet" / "fold0"
-    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*") if p.is_file() and p.name != "train.log"}
+    before = {p: p.stat().st_mtime_ns for p in run_dir.rglob("*")  # Hydra rewrites .hydra/ and train.log
+              if p.is_file() and p.name != "train.log" and ".hydra" not in p.parts}
     refused = _train(["fold=0", "pipeline.epochs=3", *common], cwd=tmp_path, returncode=2)
     assert "pipeline.epochs: 2 -> 3" in refused.stderr and "resume=force" in refused.stderr
-    assert "Traceback" not in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+    errors = [line for line in refused.stderr.splitlines() if line.startswith("train.py: error: ")]
+    assert "Traceback" not in refused.stderr and len(errors) == 1 and str(run_dir) in errors[0]
     assert {p: p.stat().st_mtime_ns for p in before} == before
 
     # resume=force continues the run from last.ckpt, in the same folder, W&B run and metrics.csv;
