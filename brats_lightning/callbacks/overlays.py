@@ -99,15 +99,19 @@ class OverlayCallback(pl.Callback):
             return case_id in self.case_ids
         return len(self.slices) < self.cases or case_id < max(self.slices)
 
-    def _worst_candidate(self, case_id: str, mean_dice: float) -> bool:
+    def _rank(self, case_id: str) -> tuple[float, str]:
+        """Worst first: the case's mean Dice this epoch, ties by case id."""
+        return float(np.mean(self._dice[case_id])), case_id
+
+    def _worst_candidate(self, case_id: str) -> bool:
         """Whether ``case_id`` is among the ``worst`` lowest-Dice cases seen so far (dropping the best one
         of them when it pushes another out)."""
         if self.worst == 0:
             return False
-        kept = sorted(self.worst_slices, key=lambda c: float(np.mean(self._dice[c])))
+        kept = sorted(self.worst_slices, key=self._rank)
         if len(kept) < self.worst:
             return True
-        if mean_dice < float(np.mean(self._dice[kept[-1]])):
+        if self._rank(case_id) < self._rank(kept[-1]):
             del self.worst_slices[kept[-1]]
             return True
         return False
@@ -141,7 +145,7 @@ class OverlayCallback(pl.Callback):
         for index, case_id in enumerate(case_ids):
             self._dice[case_id] = scores[index]
             fixed = self._wanted(case_id)
-            if not fixed and not self._worst_candidate(case_id, float(np.mean(scores[index]))):
+            if not fixed and not self._worst_candidate(case_id):
                 continue
             image = _unpadded_image(batch, index, spatial).float().cpu().numpy()
             gt = regions_to_labels(target[index].cpu().numpy())
@@ -152,8 +156,11 @@ class OverlayCallback(pl.Callback):
                 self.worst_slices[case_id] = data
                 continue
             self.slices[case_id] = data
-            if self.case_ids is None and len(self.slices) > self.cases:
-                del self.slices[max(self.slices)]
+            if self.case_ids is None and len(self.slices) > self.cases:  # not a fixed case after all
+                evicted = max(self.slices)
+                evicted_data = self.slices.pop(evicted)
+                if self._worst_candidate(evicted):
+                    self.worst_slices[evicted] = evicted_data
 
     def on_validation_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if not self._active(trainer):
@@ -169,7 +176,7 @@ class OverlayCallback(pl.Callback):
         prefix, when = ("best_", "best.ckpt") if final else (f"epoch{epoch:03d}_", f"epoch {epoch}")
         worst = {c: d for c, d in self.worst_slices.items() if c not in self.slices}
         drawn = [(c, self.slices[c], "") for c in sorted(self.slices)]
-        drawn += [(c, worst[c], "worst_") for c in sorted(worst, key=lambda c: float(np.mean(self._dice[c])))]
+        drawn += [(c, worst[c], "worst_") for c in sorted(worst, key=self._rank)]
         paths, captions = [], []
         for case_id, data, kind in drawn:
             title = f"{case_id} ({when}{', a worst case' if kind else ''})"

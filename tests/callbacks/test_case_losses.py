@@ -149,7 +149,7 @@ def test_patient_filtering_end_to_end(synthetic_root, tmp_path):
               "callbacks=[default,case_losses]",
               "callbacks.progress_bar=null", f"paths.cache_dir={tmp_path / 'cache'}"]
     _train([*common, "name=full"], cwd=tmp_path)
-    full = tmp_path / "outputs" / "full" / "A" / "equiunet"
+    full = tmp_path / "outputs" / "full" / "smoke" / "A" / "equiunet"  # <name>/<data.name>/...
     runs = {k: json.loads((full / f"fold{k}" / "run.json").read_text()) for k in (0, 1)}
     all_ids = sorted(runs[0]["val_cases"] + runs[1]["val_cases"])
     assert len(all_ids) == 6
@@ -165,7 +165,7 @@ def test_patient_filtering_end_to_end(synthetic_root, tmp_path):
         assert set(flagged) <= {r["case_id"] for r in csv.DictReader(f)} | set(runs[0]["val_cases"])
 
     _train([*common, "name=clean", f"data.exclude={excluded}"], cwd=tmp_path)
-    clean = tmp_path / "outputs" / "clean" / "A" / "equiunet"
+    clean = tmp_path / "outputs" / "clean" / "smoke" / "A" / "equiunet"
     validated = set()
     for k in (0, 1):
         run = json.loads((clean / f"fold{k}" / "run.json").read_text())

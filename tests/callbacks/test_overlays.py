@@ -158,7 +158,7 @@ def test_rejects_outputs_without_predictions(tmp_path: Path) -> None:
 def test_worst_cases_drawn_beside_the_fixed_ones(tmp_path: Path) -> None:
     module = fit(tmp_path, OverlayCallback(cases=1, worst=2), logger=False, max_epochs=1)
     means = {case: float(np.mean(dice)) for case, dice in module.seen_dice.items()}  # the module's own Dice
-    others = sorted((c for c in CASE_IDS if c != "case_a"), key=lambda c: means[c])
+    others = sorted((c for c in CASE_IDS if c != "case_a"), key=lambda c: (means[c], c))  # ties: by id
     assert sorted(p.name for p in (tmp_path / "overlays").glob("*.png")) == sorted(
         ["epoch000_case_a.png", *(f"epoch000_worst_{case}.png" for case in others[:2])])
 
