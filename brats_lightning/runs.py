@@ -175,7 +175,7 @@ class ResumableCSVLogger(CSVLogger):
 
         A job resumed from a checkpoint taken at trainer step ``step`` logs those steps again, so the rows
         that a killed job wrote after its last checkpoint would otherwise appear twice (docs/contracts.md,
-        "metrics.csv").
+        "Run folder").
         """
         path = Path(self.log_dir) / ExperimentWriter.NAME_METRICS_FILE
         if not path.is_file():

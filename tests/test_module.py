@@ -14,6 +14,7 @@ from pytorch_lightning.trainer.states import RunningStage
 
 from brats_lightning import precision
 from brats_lightning.data.datamodule import BratsDataModule
+from brats_lightning.data.labels import BRATS2020, labels_to_regions_torch, regions_to_labels_torch
 from brats_lightning.data.preprocess import Box
 from brats_lightning.losses import DiceLoss
 from brats_lightning.module import BratsModule
@@ -151,7 +152,9 @@ def test_validation_scores_unpadded_thresholded_predictions(synthetic_root, tmp_
         assert out["case_id"] == batch["case_id"]
         with torch.no_grad():
             logits = module.net(batch["image"])[(slice(None), slice(None), *box.slices)]
-        assert torch.equal(out["pred_regions"], torch.sigmoid(logits) > 0.5)
+        # validation scores the label map inference writes (nesting enforced), back in regions
+        label_map = regions_to_labels_torch(torch.sigmoid(logits) > 0.5, BRATS2020)
+        assert torch.equal(out["pred_regions"], labels_to_regions_torch(label_map, BRATS2020))
         losses.append(float(DiceLoss(squared=True)(logits, target)))
         pred, gt = out["pred_regions"][0].numpy(), target[0].numpy()
         dice_rows.append([_numpy_dice(pred[c], gt[c]) for c in range(3)])
