@@ -135,6 +135,8 @@ class FastSWA(pl.Callback):
         self.average: dict[str, torch.Tensor] | None = None  # float32 running mean of the float entries
         # results of this process (run.json)
         self.swa_path: Path | None = None
+        self.saved_snapshot_epochs: list[int] = []  # the snapshots in swa.ckpt (kept when a later
+        # validation of best.ckpt restores this callback's state from an earlier checkpoint)
         self.val_metrics: dict[str, float] | None = None
 
     # ------------------------------------------------------------------------------------------ schedule
@@ -321,6 +323,7 @@ class FastSWA(pl.Callback):
         finally:
             pl_module.load_state_dict(current)
         self.swa_path, self.val_metrics = path.resolve(), metrics or None
+        self.saved_snapshot_epochs = list(self.snapshot_epochs)
         if metrics:
             for logger in trainer.loggers:
                 logger.log_metrics({f"val_swa/{k}": v for k, v in metrics.items()}, step=trainer.global_step)
@@ -381,7 +384,8 @@ class FastSWA(pl.Callback):
                          "cycle_epochs": self.cycle_epochs, "snapshot_every": self.snapshot_every,
                          "lr": self.lr, "weight_decay": self.weight_decay, "min_lr": self.min_lr,
                          "cosine_epochs": self.cosine_epochs,
-                         "n_snapshots": self.n_snapshots, "snapshot_epochs": list(self.snapshot_epochs)},
+                         "n_snapshots": len(self.saved_snapshot_epochs),
+                         "snapshot_epochs": list(self.saved_snapshot_epochs)},
         }
 
 
