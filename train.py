@@ -262,7 +262,13 @@ def _train_locked(cfg: DictConfig, run_dir: Path, env_mode: str | None) -> dict[
     last_path = (Path(last_cb.dirpath) if last_cb is not None else run_dir / "checkpoints") / "last.ckpt"
     resolved = OmegaConf.to_container(cfg, resolve=True)
     ckpt_path = None
-    check_training_job(cfg)  # memory plan vs free memory, before any data is read: refuse now, not hours in
+    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
+    crop = cfg.data.crop_size
+    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "32-true"),
+                                                    trainer_kwargs.get("accelerator", "auto"),
+                                                    crop if isinstance(crop, int) else list(crop))
+    # memory plan vs free memory, before any data is read: refuse now, not hours in
+    training_plan = check_training_job(cfg, trainer_kwargs["precision"])
     if env_rank_is_zero():  # every case checked and cached before loggers, W&B and the Trainer start
         datamodule.prepare_data()
         datamodule.setup("fit")  # the split file, for the fingerprint (Lightning's own call is then a no-op)
@@ -271,15 +277,11 @@ def _train_locked(cfg: DictConfig, run_dir: Path, env_mode: str | None) -> dict[
         ckpt_path = _resume_state(cfg, run_dir, fingerprint, last_path)
     elif cfg.get("resume", True):  # the other ranks resume from the same checkpoint, unchecked
         ckpt_path = resume_checkpoint(last_path, run_dir)
-    check_validation_job(cfg, datamodule)  # the largest validation brain box, whole (rank 0)
+    # the largest validation brain box, whole (rank 0)
+    check_validation_job(cfg, datamodule, training_plan, trainer_kwargs["precision"])
     module = BratsModule.from_config(cfg)
     loggers, wandb_id = build_loggers(cfg, run_dir)
 
-    trainer_kwargs = OmegaConf.to_container(cfg.trainer, resolve=True)
-    crop = cfg.data.crop_size
-    trainer_kwargs["precision"] = resolve_precision(trainer_kwargs.get("precision", "32-true"),
-                                                    trainer_kwargs.get("accelerator", "auto"),
-                                                    crop if isinstance(crop, int) else list(crop))
     speed_plan = resolve_speed(  # the module applies memory format / compile itself (configure_model)
         cfg.get("speed"), "cpu" if runs_on_cpu(trainer_kwargs.get("accelerator")) else "cuda",
         trainer_kwargs["precision"], bool(trainer_kwargs.get("deterministic")))

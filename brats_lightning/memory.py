@@ -24,6 +24,7 @@ import json
 import math
 import os
 import weakref
+from collections import Counter
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -467,50 +468,45 @@ def check_validation_fits(training: MemoryPlan, model_config: Mapping[str, Any],
     return need
 
 
-def _job_settings(cfg: Any) -> tuple[dict[str, Any], torch.device, str]:
-    """(model config, device, precision) of a training config, as train.py resolves them: the CPU, or the
-    CUDA device of this rank (``LOCAL_RANK``); ``trainer.precision`` after the CPU fallbacks."""
+def _job_settings(cfg: Any) -> tuple[dict[str, Any], int | list[int], torch.device]:
+    """(model config, crop size, device) of a training config, as train.py resolves them: the CPU, or the
+    CUDA device of this rank (``LOCAL_RANK``)."""
     from omegaconf import OmegaConf
 
-    from brats_lightning.precision import resolve_precision, runs_on_cpu
+    from brats_lightning.precision import runs_on_cpu
 
-    accelerator = cfg.trainer.get("accelerator", "auto")
     crop = cfg.data.crop_size if isinstance(cfg.data.crop_size, int) else list(cfg.data.crop_size)
-    precision = str(resolve_precision(cfg.trainer.get("precision", "32-true"), accelerator, crop))
-    device = (torch.device("cpu") if runs_on_cpu(accelerator)
+    device = (torch.device("cpu") if runs_on_cpu(cfg.trainer.get("accelerator", "auto"))
               else torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0))))
-    return OmegaConf.to_container(cfg.model, resolve=True), device, precision
+    return OmegaConf.to_container(cfg.model, resolve=True), crop, device
 
 
-def check_training_job(cfg: Any) -> MemoryPlan:
+def check_training_job(cfg: Any, precision: str) -> MemoryPlan:
     """train.py's first check, before any data is read: the training step of ``cfg`` (model, data.crop_size,
-    pipeline.batch_size and optimizer, trainer precision) on its device (seconds).
+    pipeline.batch_size and optimizer) in the trainer ``precision`` train.py resolved, on its device
+    (seconds). Returns the step's plan, for :func:`check_validation_job`.
 
     Raises:
         UserError: it does not fit; the message lists settings that fit.
     """
-    model_config, device, precision = _job_settings(cfg)
-    crop = cfg.data.crop_size if isinstance(cfg.data.crop_size, int) else list(cfg.data.crop_size)
-    return check_training_fits(model_config, crop, int(cfg.pipeline.batch_size), precision,
+    model_config, crop, device = _job_settings(cfg)
+    return check_training_fits(model_config, crop, int(cfg.pipeline.batch_size), str(precision),
                                str(cfg.pipeline.optimizer.name), device)
 
 
-def check_validation_job(cfg: Any, datamodule: Any) -> int | None:
+def check_validation_job(cfg: Any, datamodule: Any, training: MemoryPlan, precision: str) -> int | None:
     """train.py's second check, once ``datamodule`` is set up: the whole-brain validation of its largest
-    validation brain box next to the training state. Returns the bytes needed (None: no validation, or a
-    rank whose datamodule was not set up).
+    validation brain box next to the ``training`` state (the plan :func:`check_training_job` returned).
+    Returns the bytes needed (None: no validation, or a rank whose datamodule was not set up).
 
     Raises:
         UserError: it does not fit.
     """
     if not datamodule.val_cases or cfg.trainer.get("limit_val_batches") == 0:
         return None
-    model_config, device, precision = _job_settings(cfg)
-    crop = cfg.data.crop_size if isinstance(cfg.data.crop_size, int) else list(cfg.data.crop_size)
-    training = plan_training(model_config, crop, int(cfg.pipeline.batch_size), precision,
-                             str(cfg.pipeline.optimizer.name))
+    model_config, _, device = _job_settings(cfg)
     boxes = [datamodule.cache.get(case).box.shape for case in datamodule.val_cases]
-    return check_validation_fits(training, model_config, max(boxes, key=math.prod), precision, device)
+    return check_validation_fits(training, model_config, max(boxes, key=math.prod), str(precision), device)
 
 
 def check_inference_fits(model_configs: Sequence[Mapping[str, Any]], shape: Sequence[int],
@@ -527,11 +523,15 @@ def check_inference_fits(model_configs: Sequence[Mapping[str, Any]], shape: Sequ
     precision = {None: "32-true", torch.float16: "16-mixed", torch.bfloat16: "bf16-mixed"}[amp_dtype]
     padded = padded_shape(shape)
 
+    # an ensemble repeats its model configs (the folds of one model): plan each distinct one once
+    keys = [json.dumps(config, sort_keys=True, default=str) for config in model_configs]
+    configs, counts = dict(zip(keys, model_configs, strict=True)), Counter(keys)
+
     def need(views: int) -> int:
-        plans = [plan_inference(config, padded, views, precision) for config in model_configs]
+        plans = {key: plan_inference(config, padded, views, precision) for key, config in configs.items()}
         running = 2 * 3 * 4 * math.prod(padded)  # the running mean and spread over views (float32)
-        return (sum(p.parameters for p in plans) + max(p.activations + p.transient for p in plans)
-                + running)
+        return (sum(counts[key] * p.parameters for key, p in plans.items())
+                + max(p.activations + p.transient for p in plans.values()) + running)
 
     total = need(view_batch_size)
     if total > HEADROOM * budget:

@@ -223,7 +223,7 @@ def test_multirun_two_folds_then_resume(tmp_path):
     assert len(list(data_root.iterdir())) >= 6  # the generated cases
     log = result.stdout + result.stderr
     lines = set(log.splitlines())  # the loky workers' log lines can reach both streams
-    assert len([line for line in lines if "using bf16-mixed" in line or "using 32-true" in line]) >= 2
+    assert len([line for line in lines if "using bf16-mixed" in line or "using 32-true" in line]) == 2
     # not a terminal: one plain line per epoch and job, with losses, validation Dice, lr, time and ETA
     epoch_lines = [line for line in lines if re.search(r"epoch [12]/2  train/loss ", line)]
     assert len(epoch_lines) == 4, log[-3000:]
