@@ -1,6 +1,6 @@
 """Soft Dice losses (squared / plain denominator) and the deep-supervision sum (or mean).
 
-Paper section 2.5, equation (2) / docs/method.md "Loss". Per region channel (ET, TC, WT), sums run over the
+Paper section 2.2, equation (2) / docs/method.md "Loss". Per region channel (ET, TC, WT), sums run over the
 batch
 and all voxels; the loss is the mean over channels of
 

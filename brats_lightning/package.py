@@ -3,7 +3,7 @@
 ``brats-lightning export`` turns a training tree (run.json files and Lightning checkpoints) into one zip:
 for each pipeline the chosen networks' weights as safetensors state dicts, their model configs, the
 normalization, channel order, label convention and regions, the TTA view set, the merge rule (paper
-section 3.4), the optional ET threshold, the cross-validation scores, a ``MODEL_CARD.md`` and a
+section 2.6), the optional ET threshold, the cross-validation scores, a ``MODEL_CARD.md`` and a
 ``manifest.json`` with the SHA-256 of every member. ``brats-lightning predict --model model.zip`` predicts
 from it alone, with the same label maps as ``predict`` / ``ensemble.py`` on the training tree;
 ``brats-lightning model-info model.zip`` prints the card.
@@ -48,7 +48,7 @@ MANIFEST = "manifest.json"
 METADATA = "package.json"
 CARD = "MODEL_CARD.md"
 MERGE_RULE = "paper-table1"
-"""The only merge rule: docs/method.md Inference table (paper section 3.4, "Second step")."""
+"""The only merge rule: docs/method.md Inference table (paper section 2.6, "Second step")."""
 
 PIPELINES = ("A", "B")
 MEMBER_SUFFIXES = (".json", ".md", ".safetensors")
@@ -110,7 +110,7 @@ def export_package(
         runs_dir: training outputs (searched for run.json).
         out: the zip to write.
         select: per pipeline, "all", "best<k>" (per fold, :func:`brats_lightning.runs.select_runs`) or "none";
-            default the paper's ``{"A": "best2", "B": "all"}`` (section 3.4). A pipeline without runs is
+            default the paper's ``{"A": "best2", "B": "all"}`` (section 2.6). A pipeline without runs is
             left out (with a log line) unless every pipeline is.
         checkpoint: which checkpoint of each run ("auto": swa, else best, else last).
         et_threshold: ET post-processing threshold in voxels stored for predict (None: off, the paper).
@@ -203,7 +203,7 @@ def model_card(metadata: Mapping[str, Any]) -> str:
         f"- test-time augmentation: `{metadata['tta']}`; probability threshold 0.5 per region",
         "- ET post-processing: " + ("off (the paper)" if et is None
                                     else f"ET under {et} voxels becomes NCR/NET"),
-        "- merge: " + ("paper Table 1 (A and B label maps, section 3.4)" if metadata["merge"]
+        "- merge: " + ("paper Table 1 (A and B label maps, section 2.6)" if metadata["merge"]
                        else "none (one pipeline)"),
         "", "## Training data", "",
         f"Data set(s): {', '.join(data_sets)} ({convention.name} labels). Each network was trained on its "
@@ -517,7 +517,7 @@ def _verify(data: bytes, entry: Mapping[str, Any], path: Path, member: str) -> N
 def predict_pipelines(ensembles: dict[str, Any], cases: list, pred_dir: Path, merged_dir: Path | None,
                       oof: bool = False) -> dict[str, Path]:
     """Predict ``cases`` with each pipeline's Predictor (from run folders or a package) into
-    ``<pred_dir>/<name>``, then merge A and B into ``merged_dir`` (paper section 3.4; when given and both
+    ``<pred_dir>/<name>``, then merge A and B into ``merged_dir`` (paper section 2.6; when given and both
     exist); returns ``{name: folder}`` (with "merged"). Used by ``predict --model`` and ``ensemble.py``."""
     from brats_lightning.inference.merge import merge_folders
 

@@ -9,7 +9,7 @@ Command line: ``brats-lightning cv-report OUTPUTS [--out DIR] [--rules NAME]``.
   configuration has the same fold twice (a rerun), the most recently written run.json is used (warned).
 * Per configuration: Dice ET, TC, WT as mean (std) over folds of ``val_metrics`` (std = sample standard
   deviation, ddof = 1; shown as "-" with one fold), and the number of folds. Runs with ``val_metrics_swa``
-  (fast-SWA weights, paper section 2.4) add a row ``<label> + SWA`` from those.
+  (fast-SWA weights, paper section 2.5) add a row ``<label> + SWA`` from those.
 * Out-of-fold evaluations: every ``OUTPUTS/oof/<name>/cases.csv`` (the per-case file written by
   ``brats-lightning evaluate --out OUTPUTS/oof/<name>``) adds a row ``<name>`` with Dice and HD95 per region
   as mean (std) over cases. With ``--rules NAME`` (a lesion-wise rule set of ``evaluate --rules``) those

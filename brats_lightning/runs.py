@@ -3,9 +3,9 @@
 Every trained run writes a small ``run.json`` (pipeline, fold, model, checkpoints, validation metrics; its
 keys are in docs/contracts.md, "run.json") so that inference can find and choose runs without anyone typing
 checkpoint paths. The paper's ensembles are: pipeline A, the best two of three models per fold (paper
-section 3.4: "best two models of each fold"); pipeline B, all five fold models. Ranking uses the validation
+section 2.6: "best two models of each fold"); pipeline B, all five fold models. Ranking uses the validation
 Dice (``val_metrics.dice_mean``), or the fast-SWA ("self-ensembled") weights' validation Dice when the run has
-an SWA checkpoint (paper section 2.4), in which case the SWA weights are the ones loaded.
+an SWA checkpoint (paper section 2.5), in which case the SWA weights are the ones loaded.
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
 """Patient filtering: per-case training losses, and the `flag-cases` command that turns them into an
-exclusion list (paper section 2.5 / docs/method.md "Training").
+exclusion list (paper section 2.6 / docs/method.md "Training").
 
 Paper: "cases with high training loss at the end of the training procedure were flagged as potentially wrong
 and removed from the complete training set, thus creating a 'cleaned' version of the training dataset".

@@ -1,6 +1,6 @@
 """Fast SWA ("self-ensembling") after the main schedule, as a Lightning callback.
 
-Paper section 2.4 / docs/method.md "Training" (pipeline A): after the main schedule (200 epochs of Ranger),
+Paper section 2.5 / docs/method.md "Training" (pipeline A): after the main schedule (200 epochs of Ranger),
 training
 continues in the same run for ``cycles`` (5) cycles of ``cycle_epochs`` (30) epochs; each cycle starts a fresh
 Adam (no weight decay) at ``lr`` (5e-5) whose lr follows a cosine decay within the cycle, stepped once per

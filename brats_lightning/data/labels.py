@@ -5,7 +5,7 @@ BraTS 2020/2021 label maps use 0 background, 1 necrosis / non-enhancing core (NC
 2024 post-treatment glioma adds 4, the resection cavity (RC). The network predicts the nested tumour regions
 ET = {et}, TC = {1, et}, WT = {1, 2, et} (paper section 2.2) and, where the convention has a cavity, RC =
 {rc} as a fourth channel that is not nested in the others. Inference turns regions back into a label map
-with "ET -> et; TC and not ET -> 1; WT and not TC -> 2" (paper section 2.5) and, for RC, "RC and no tumour
+with "ET -> et; TC and not ET -> 1; WT and not TC -> 2" (paper section 2.6) and, for RC, "RC and no tumour
 region -> rc": a tumour region wins over RC where both are predicted.
 
 The rule lives in :func:`_to_regions` / :func:`_to_labels`, which only use operators that numpy arrays and

@@ -3,7 +3,7 @@
 Folds come from sklearn's ``KFold(n_splits, shuffle=True, random_state=seed)`` over the *sorted* case
 ids, so they depend only on the set of ids, the fold count and the seed: identical on any machine. The
 first run saves them; later runs load the file and refuse to continue if it lists other cases. Patient
-filtering (paper section 2.4) removes flagged cases from the training part of a fold only; validation
+filtering (paper section 2.6) removes flagged cases from the training part of a fold only; validation
 folds never change, so cleaned and uncleaned runs stay comparable.
 """
 

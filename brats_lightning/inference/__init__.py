@@ -1,4 +1,4 @@
-"""Inference (paper section 3.4; docs/method.md Inference): TTA, run selection, ensembles, merge, extras.
+"""Inference (paper section 2.6; docs/method.md Inference): TTA, run selection, ensembles, merge, extras.
 
 - :mod:`.tta`: the 16 distinct test-time views and ``tta_predict``;
 - :mod:`.runs`: find runs by their run.json, select (all / best k per fold), load networks;

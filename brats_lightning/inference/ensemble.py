@@ -1,4 +1,4 @@
-"""The full inference of the paper (section 3.4): pipeline A ensemble, pipeline B ensemble, merge, evaluate.
+"""The full inference of the paper (section 2.6): pipeline A ensemble, pipeline B ensemble, merge, evaluate.
 
 Driven by ``python ensemble.py`` (Hydra, ``conf/ensemble.yaml``; ``make ensemble``):
 

@@ -1,4 +1,4 @@
-"""Merge pipeline A's and pipeline B's label maps (paper section 3.4, "Second step"; docs/method.md
+"""Merge pipeline A's and pipeline B's label maps (paper section 2.6, "Second step"; docs/method.md
 Inference table).
 
 Where A says background or edema and B says background or edema, B's label wins; everywhere else

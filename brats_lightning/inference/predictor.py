@@ -1,4 +1,4 @@
-"""Ensemble inference over trained runs (paper section 3.4 "First step"; docs/method.md Inference).
+"""Ensemble inference over trained runs (paper section 2.6 "First step"; docs/method.md Inference).
 
 For each case: preprocess with the runs' normalization, crop to the brain box, zero-pad each side to a
 multiple of 8, run every model on the 16 TTA views, average the sigmoid probabilities over views and
@@ -49,7 +49,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 THRESHOLD = 0.5
-"""Per-region probability threshold (paper section 3.4)."""
+"""Per-region probability threshold (paper section 2.6)."""
 
 PAD_MULTIPLE = 8
 """Input sides must be multiples of 8: the network pools three times (docs/method.md Network)."""

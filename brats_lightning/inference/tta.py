@@ -1,6 +1,6 @@
 """Test-time augmentation: the 16 distinct axial views and their exact inverses (docs/method.md, Inference).
 
-The paper (section 3.4, "First step") averages 16 views per model: {no flip, flip along one of the
+The paper (section 2.6, "First step") averages 16 views per model: {no flip, flip along one of the
 3 axes} x {0, 1, 2, 3 quarter-turns in the axial plane}. That set holds only 12 distinct transforms
 (flip x then k turns equals flip y then k + 2 turns), so 4 views are counted twice, and the reference
 code also inverts "flip then rotate" in the wrong order (4 views come back rotated by 180 degrees).

@@ -1,6 +1,6 @@
 """CBAM (convolutional block attention module) for 3D feature maps, as used by the attention U-Net.
 
-Paper section 2.5 / docs/method.md "Network", attention variant: a channel gate then a spatial gate.
+Paper section 2.1 / docs/method.md "Network", attention variant: a channel gate then a spatial gate.
 Global pooling uses plain tensor reductions (``mean`` and ``max(dim)``), not pooling modules: the reference
 code's whole-volume ``avg_pool3d`` / ``max_pool3d`` kernels made the attention network 4.2x slower than the
 plain one on GPU (docs/method.md "Measured anchors"); plain reductions bring that to about 1.2x.

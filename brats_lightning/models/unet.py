@@ -1,6 +1,6 @@
 """The paper's 3D U-Nets: ``EquiUnet``, ``Unet`` and the attention variant ``AttEquiUnet``.
 
-Paper section 2.5 (Fig. 1) / docs/method.md "Network". With width w:
+Paper section 2.1 (Fig. 2) / docs/method.md "Network". With width w:
 
 - encoder stages w, 2w, 4w, 8w (two blocks each, MaxPool3d(2) between stages);
 - "bottom": two 8w -> 8w blocks with dilation 2 at the 4th stage's resolution;

@@ -72,7 +72,7 @@ def test_round_trip_all_codes(convention):
 
 @pytest.mark.parametrize("convention", ALL)
 def test_regions_to_labels_every_combination(convention):
-    # ET -> et; TC and not ET -> 1; WT and not TC -> 2; nothing -> 0 (paper section 2.5), ET wins over all
+    # ET -> et; TC and not ET -> 1; WT and not TC -> 2; nothing -> 0 (paper section 2.6), ET wins over all
     # and, with a cavity channel, RC -> rc only where no tumour region is set (tumour wins over RC)
     def rule(et, tc, wt, rc=False):
         return convention.et if et else 1 if tc else 2 if wt else convention.rc if rc else 0
