@@ -116,6 +116,8 @@ def test_inference_overhead_row_tiny(results_dir: Path) -> None:
     assert (row["views"], row["view batch"], row["memory format"], row["clock"]) == (
         8, 4, plan.memory_format, "CPU time")
     assert row["norms"] == ("contiguous" if plan.contiguous_norms else "native")
-    assert row["ratio"] == pytest.approx(row["predictor s"] / row["plain s"], rel=1e-2)
+    # Each of the three is rounded to 3 decimals: the ratio lies within the bounds those roundings allow.
+    fast, plain, half = row["predictor s"], row["plain s"], 5e-4
+    assert (fast - half) / (plain + half) - half <= row["ratio"] <= (fast + half) / (plain - half) + half
     assert float(row["max |diff|"]) <= 1e-5
     assert "### inference_overhead:" in (results_dir / "RESULTS.md").read_text()
