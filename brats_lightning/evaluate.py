@@ -19,7 +19,8 @@ Inputs:
   ``<CASE>_seg.nii.gz`` / ``<CASE>-seg.nii.gz``, or flat ``<CASE>.nii.gz`` files), found with
   :func:`brats_lightning.data.layout.find_label_files`. Label codes per case from its data set
   (:mod:`brats_lightning.data.datasets`: ET 4 in 2020/2021, 3 from 2023; a ``dataset.json`` declares it).
-  ET, TC and WT are scored (a resection cavity, where a set has one, is not).
+  ET, TC and WT are scored; the 2024 rules score their own regions (``brats2024-gli``: ET, TC, WT, NETC,
+  SNFH and the resection cavity RC, from :func:`brats_lightning.data.labels.region_masks`).
 
 Every case of the ground truth needs a prediction: a missing one is an error unless ``--missing empty``
 scores it as an empty prediction (the BraTS rule; report.md lists them). A prediction on another grid
@@ -32,7 +33,8 @@ Outputs in ``--out``, all written to a temporary folder that then replaces ``--o
 run leaves the previous complete output or the new one, never a mix); columns in docs/contracts.md:
 
 * ``cases.csv``: one row per case, ``case`` then :data:`brats_lightning.metrics.METRIC_KEYS`; with
-  lesion-wise rules then :data:`brats_lightning.lesionwise.LESION_KEYS`. HD95 in mm.
+  lesion-wise rules then :data:`brats_lightning.lesionwise.LESION_KEYS` (2024 rules: both for every region
+  they score, e.g. ET, TC, WT, NETC, SNFH, RC for ``brats2024-gli``). HD95 in mm.
 * ``summary.csv``: BraTS portal style, first column ``Label`` with rows ``Mean, StdDev, Median,
   25quantile, 75quantile`` (StdDev is the sample standard deviation, ddof = 1; quantiles use linear
   interpolation), then the metric columns (the lesion-wise ones first).
@@ -75,11 +77,12 @@ from brats_lightning.data.labels import (
     LabelConvention,
     get_convention,
     labels_to_regions,
+    region_masks,
     unexpected_labels,
 )
 from brats_lightning.data.layout import declared_dataset, find_label_files
 from brats_lightning.errors import UserError
-from brats_lightning.lesionwise import LESION_KEYS, RULES, case_lesion_metrics
+from brats_lightning.lesionwise import RULES, case_lesion_metrics, lesion_keys, metric_keys
 from brats_lightning.metrics import METRIC_KEYS, REGION_NAMES, case_metrics
 from brats_lightning.plots import metric_boxplots
 from brats_lightning.predictions import label_map_paths, require_complete
@@ -96,20 +99,31 @@ DEFAULT_RULES = "brats2020"
 RULE_NAMES: tuple[str, ...] = (DEFAULT_RULES, *RULES)
 """``--rules`` choices: brats2020, then the lesion-wise ones (:data:`brats_lightning.lesionwise.RULES`)."""
 CASE_COLUMNS: tuple[str, ...] = ("case", *METRIC_KEYS)
-LESION_CASE_COLUMNS: tuple[str, ...] = (*CASE_COLUMNS, *LESION_KEYS)
 SUMMARY_ROWS: tuple[str, ...] = ("Mean", "StdDev", "Median", "25quantile", "75quantile")
-REGION_ORDER: tuple[str, ...] = tuple(r.upper() for r in REGION_NAMES)
-"""Region order of every table evaluate writes: ET, TC, WT."""
+
+
+def scored_regions(rules: str) -> tuple[str, ...]:
+    """The regions ``rules`` scores (cases.csv spelling): et, tc, wt, and more under some 2024 rules."""
+    return REGION_NAMES if rules == DEFAULT_RULES else RULES[rules].scored
 
 
 def case_columns(rules: str) -> tuple[str, ...]:
     """The columns of ``cases.csv`` under ``rules``."""
-    return CASE_COLUMNS if rules == DEFAULT_RULES else LESION_CASE_COLUMNS
+    if rules == DEFAULT_RULES:
+        return CASE_COLUMNS
+    regions = scored_regions(rules)
+    return ("case", *metric_keys(regions), *lesion_keys(regions))
+
+
+def _regions_of(columns: Sequence[str]) -> tuple[str, ...]:
+    """The regions a table's ``dice_<region>`` columns name, in table order."""
+    return tuple(c.removeprefix("dice_") for c in columns if c.startswith("dice_"))
 
 
 def summary_columns(columns: Sequence[str]) -> list[str]:
     """Metric columns of ``summary.csv``: the lesion-wise ones first (they rank), then the full-volume."""
-    return [c for c in LESION_KEYS if c in columns] + [c for c in METRIC_KEYS if c in columns]
+    regions = _regions_of(columns)
+    return [c for c in (*lesion_keys(regions), *metric_keys(regions)) if c in columns]
 
 
 @dataclass(frozen=True)
@@ -197,8 +211,13 @@ def score_case(job: CaseJob) -> dict[str, Any]:
         pred, pred_image = _read_labels(job.pred, job.pred_convention, "prediction", job.case_id,
                                         "pass --convention to say which codes the predictions use")
         pred, resampled = _on_gt_grid(pred, pred_image, gt_image, job)
-    pred_regions = labels_to_regions(pred, job.pred_convention)[:3]  # ET, TC, WT (not a cavity)
-    gt_regions = labels_to_regions(gt, job.gt_convention)[:3]
+    if job.rules != DEFAULT_RULES and RULES[job.rules].tissues:  # 2024 rules: their own regions (RC too)
+        formed = RULES[job.rules].formed
+        pred_regions = region_masks(pred, job.pred_convention, formed)
+        gt_regions = region_masks(gt, job.gt_convention, formed)
+    else:
+        pred_regions = labels_to_regions(pred, job.pred_convention)[:3]  # ET, TC, WT (not a cavity)
+        gt_regions = labels_to_regions(gt, job.gt_convention)[:3]
     if job.rules == DEFAULT_RULES:
         metrics = case_metrics(pred_regions, gt_regions, spacing=spacing)
     else:
@@ -239,9 +258,10 @@ def _format(value: float, key: str) -> str:
     return f"{value:.{digits}f}"
 
 
-def _means_table(label: str, means: pd.Series, metrics: Sequence[tuple[str, str]]) -> str:
-    header = [f"{name} {region}" for _, name in metrics for region in REGION_ORDER]
-    cells = [_format(means[f"{key}_{region.lower()}"], key) for key, _ in metrics for region in REGION_ORDER]
+def _means_table(label: str, means: pd.Series, metrics: Sequence[tuple[str, str]],
+                 regions: Sequence[str] = REGION_NAMES) -> str:
+    header = [f"{name} {region.upper()}" for _, name in metrics for region in regions]
+    cells = [_format(means[f"{key}_{region}"], key) for key, _ in metrics for region in regions]
     return markdown_table(["Mean", *header], [[label, *cells]])
 
 
@@ -250,22 +270,24 @@ def report_markdown(cases: pd.DataFrame, summary: pd.DataFrame, label: str, rule
                     resampled: Sequence[str] = ()) -> str:
     """``report.md``: the means (lesion-wise first), the portal summary, what was scored in a special way."""
     means = summary.loc["Mean"]
+    regions = scored_regions(rules)
     parts = [f"# Evaluation: {label}", ""]
     if rules == DEFAULT_RULES:
         parts += [f"{len(cases)} cases, BraTS 2020 rules (docs/method.md Evaluation); HD95 in mm.", ""]
     else:
         lesion = RULES[rules]
         parts += [f"{len(cases)} cases, {rules} lesion-wise rules (the official {lesion.challenge} scorer: "
-                  f"dilation {lesion.dilation}, lesions <= {lesion.min_volume:g} mm^3 left out; "
-                  "brats_lightning/lesionwise.py); HD95 in mm.", "",
+                  f"{lesion.describe()}; brats_lightning/lesionwise.py); HD95 in mm.", "",
                   "## Lesion-wise means (what ranks)", "",
-                  _means_table(label, means, (("lw_dice", "LW Dice"), ("lw_hd95", "LW HD95"))), "",
+                  _means_table(label, means, (("lw_dice", "LW Dice"), ("lw_hd95", "LW HD95")), regions), "",
                   "Lesions per case (mean): "
                   + ", ".join(f"{kind.upper()} " + " / ".join(_format(means[f"lw_{kind}_{r}"], f"lw_{kind}")
-                                                             for r in REGION_NAMES)
-                              for kind in ("tp", "fp", "fn")) + " (ET / TC / WT)", ""]
+                                                             for r in regions)
+                              for kind in ("tp", "fp", "fn"))
+                  + f" ({' / '.join(r.upper() for r in regions)})", ""]
     rows = [[row, *(_format(summary.loc[row, k], k) for k in summary.columns)] for row in SUMMARY_ROWS]
-    parts += ["## Full-volume means", "", _means_table(label, means, (("dice", "Dice"), ("hd95", "HD95"))),
+    parts += ["## Full-volume means", "",
+              _means_table(label, means, (("dice", "Dice"), ("hd95", "HD95")), regions),
               "", "## Summary (BraTS portal style)", "", markdown_table(["", *summary.columns], rows), "",
               f"Per-case values: `{CASES_FILE}`; box plots: `{BOXPLOT_FILE}`.", ""]
     if missing:
@@ -505,15 +527,16 @@ def summary_table(summary: pd.DataFrame, label: str) -> Table:
     """A rich Table of the summary (mean ± std, median per metric and region) for the console."""
     table = Table(title=f"BraTS evaluation: {escape(label)}")
     table.add_column("metric")
-    for region in REGION_ORDER:
-        table.add_column(region, justify="right")
+    regions = _regions_of(summary.columns)
+    for region in regions:
+        table.add_column(region.upper(), justify="right")
     names = {"lw_dice": "Lesion-wise Dice", "lw_hd95": "Lesion-wise HD95 (mm)", "dice": "Dice",
              "hd95": "HD95 (mm)", "sens": "Sensitivity", "spec": "Specificity"}
     for metric, name in names.items():
         if f"{metric}_et" not in summary.columns:
             continue
         cells = []
-        for region in REGION_NAMES:
+        for region in regions:
             key = f"{metric}_{region}"
             mean, std, median = (summary.loc[r, key] for r in ("Mean", "StdDev", "Median"))
             cells.append(f"{_format(mean, key)} ± {_format(std, key)} (median {_format(median, key)})")

@@ -14,7 +14,7 @@ torch tensors share; the public numpy and torch functions differ only in how the
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -125,6 +125,30 @@ def _to_labels(regions: Any, convention: LabelConvention, out: Any) -> Any:
 def labels_to_regions(label_map: np.ndarray, convention: LabelConvention = BRATS2020) -> np.ndarray:
     """Label map -> bool regions (C, *spatial), channels ``convention.regions`` (ET, TC, WT[, RC])."""
     return _to_regions(np.asarray(label_map), convention, lambda masks: np.stack(masks, axis=0))
+
+
+SCORED_CLASSES: dict[str, str] = {"NETC": "ncr", "SNFH": "ed"}
+"""Single classes the BraTS 2024 lesion-wise scorers score beside the regions: name -> code attribute."""
+
+
+def region_masks(label_map: np.ndarray, convention: LabelConvention, names: Sequence[str]) -> np.ndarray:
+    """Bool masks (len(names), *spatial) of the named regions: ET, TC, WT, RC (empty where the convention has
+    no cavity; WT never holds it) and the single classes NETC (code 1) and SNFH (code 2); case-insensitive.
+    """
+    label_map = np.asarray(label_map)
+    regions = dict(zip(REGIONS + (CAVITY_REGION,), labels_to_regions(label_map, convention), strict=False))
+    regions.setdefault(CAVITY_REGION, np.zeros(label_map.shape, bool))
+    masks = []
+    for name in names:
+        key = name.upper()
+        if key in SCORED_CLASSES:
+            masks.append(label_map == getattr(convention, SCORED_CLASSES[key]))
+        elif key in regions:
+            masks.append(regions[key])
+        else:
+            raise ValueError(f"unknown region {name!r}; expected one of "
+                             f"{[*REGIONS, CAVITY_REGION, *SCORED_CLASSES]}")
+    return np.stack(masks) if masks else np.zeros((0, *label_map.shape), bool)
 
 
 def regions_to_labels(regions: np.ndarray, convention: LabelConvention = BRATS2020) -> np.ndarray:
