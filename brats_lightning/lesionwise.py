@@ -1,4 +1,5 @@
-"""Lesion-wise Dice and HD95, the numbers that rank the BraTS 2023 challenges (docs/method.md Evaluation).
+"""Lesion-wise Dice and HD95, the numbers that rank the BraTS 2023 and 2024 challenges (docs/method.md
+Evaluation).
 
 Our own implementation of the official BraTS 2023 lesion-wise scorer published by the challenge organisers
 (public repository rachitsaluja/BraTS-2023-Metrics, ``metrics.py``: ``get_LesionWiseScores`` and
@@ -36,6 +37,30 @@ Quirks of the official code that change numbers, matched here:
 * full-volume HD95 with exactly one empty mask is 374 (the scorer's inf replaced by 374), not 373.13;
 * the official code takes the voxel size from the prediction's header; we take the ground truth's (evaluate
   refuses predictions on another grid, so both are the same).
+
+The BraTS 2024 rules (``brats2024-gli``, ``brats2024-ssa``; public repository
+rachitsaluja/BraTS-2024-Metrics, ``metrics_GLI.py`` and ``metrics_SSA.py``, whose lesion-wise numbers are
+unchanged from the July 2024 commits to the newest, which only add NSD) differ from the 2023 ones, and we
+match each difference:
+
+* regions: 2024 GLI scores ET, TC = NETC | ET, WT = NETC | SNFH | ET (WT holds no cavity), NETC, SNFH and the
+  resection cavity RC (label 4); SSA scores ET, TC, WT;
+* per-region parameters (:class:`RegionRules`): GLI dilates NETC and RC 5 times, the others 3 (SNFH too: the
+  scorer tests for the misspelt "SFNH"), and drops GT lesions <= 10 mm^3 (ET) or <= 20 mm^3; SSA 3 and 50;
+* predicted lesions are merged by dilation exactly like the GT's, and those of <= 10 (GLI ET), 20 (GLI
+  others) or 50 (SSA) *voxels*, whatever the voxel size, are removed before anything is scored: they are
+  neither false positives nor part of a matched lesion's Dice, and the full-volume Dice (``Legacy_Dice``)
+  is taken on what is left;
+* cross-tissue combining (``combine_lesions_tissues``, GT and prediction alike): GLI merges NETC lesions
+  through the ET then the RC lesions they touch, ET through NETC then RC, RC through ET then NETC, SNFH
+  through ET, RC then NETC; SSA merges ET through NETC. "Touch" is overlap or 18-adjacency; in each step a
+  group touching partner lesions is keyed by the partner lesion with the smallest label in the scorer's
+  numbering (cc3d's scan order of the dilated mask), and groups with one key become one lesion
+  (:func:`_combined` has the details);
+* GLI's missed-lesion and false-positive HD95 is 337 mm, not 374;
+* not matched: the scorer's full-volume ``Legacy_HD95``, ``Sensitivity`` and ``Specificity`` are computed on
+  images of lesion numbers, not masks (its surface code reads the numbers as voxel values, its sensitivity
+  counts voxels labelled 1 only), so they depend on the numbering; our full-volume columns use the masks.
 
 Speed: the official script runs several whole-volume operations per lesion (seconds per case). Here the GT
 dilation, the components and every per-lesion step run on bounding boxes: the GT box plus the dilation
