@@ -38,10 +38,10 @@ Quirks of the official code that change numbers, matched here:
 * the official code takes the voxel size from the prediction's header; we take the ground truth's (evaluate
   refuses predictions on another grid, so both are the same).
 
-The BraTS 2024 rules (``brats2024-gli``, ``brats2024-ssa``; public repository
-rachitsaluja/BraTS-2024-Metrics, ``metrics_GLI.py`` and ``metrics_SSA.py``, whose lesion-wise numbers are
-unchanged from the July 2024 commits to the newest, which only add NSD) differ from the 2023 ones, and we
-match each difference:
+The BraTS 2024 rules (``brats2024-gli``, ``brats2024-ssa``, ``brats2024-met``; public repository
+rachitsaluja/BraTS-2024-Metrics, ``metrics_GLI.py``, ``metrics_SSA.py`` and ``metrics_MET.py``, newest
+commits; GLI's and SSA's lesion-wise numbers are unchanged since July 2024, later commits only add NSD) differ
+from the 2023 ones, and we match each difference:
 
 * regions: 2024 GLI scores ET, TC = NETC | ET, WT = NETC | SNFH | ET (WT holds no cavity), NETC, SNFH and the
   resection cavity RC (label 4); SSA scores ET, TC, WT;
@@ -57,7 +57,8 @@ match each difference:
   group touching partner lesions is keyed by the partner lesion with the smallest label in the scorer's
   numbering (cc3d's scan order of the dilated mask), and groups with one key become one lesion
   (:func:`_combined` has the details);
-* GLI's missed-lesion and false-positive HD95 is 337 mm, not 374;
+* GLI's missed-lesion and false-positive HD95 is 337 mm, not 374; MET's is the volume's diagonal in voxels
+  (MET also scores RC, dilation 1, thresholds 2; ET merged through NETC as in SSA);
 * not matched: the scorer's full-volume ``Legacy_HD95``, ``Sensitivity`` and ``Specificity`` are computed on
   images of lesion numbers, not masks (its surface code reads the numbers as voxel values, its sensitivity
   counts voxels labelled 1 only), so they depend on the numbering; our full-volume columns use the masks.
@@ -73,6 +74,7 @@ the scorer's zero padding assume).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -139,7 +141,7 @@ class LesionRules:
             2023 rules (ET, TC, WT, predicted lesions are 26-connected components, none removed).
         scored: the regions scored, in cases.csv order.
         missed_hd95: HD95 (mm) of a missed GT lesion, of a false positive, of a full-volume mask with one
-            empty.
+            empty; None: the volume's diagonal in voxels, sqrt(X^2 + Y^2 + Z^2) (the 2024 MET scorer's).
     """
 
     name: str
@@ -148,7 +150,11 @@ class LesionRules:
     min_volume: float
     tissues: tuple[RegionRules, ...] = ()
     scored: tuple[str, ...] = REGION_NAMES
-    missed_hd95: float = MISSED_HD95
+    missed_hd95: float | None = MISSED_HD95
+
+    def missed(self, shape: Sequence[int]) -> float:
+        """The missed-lesion HD95 on a volume of ``shape``."""
+        return self.missed_hd95 if self.missed_hd95 is not None else math.sqrt(sum(n * n for n in shape))
 
     @property
     def formed(self) -> tuple[str, ...]:
@@ -171,10 +177,11 @@ class LesionRules:
             parts.append(f"{name.upper()}: dilation {t.dilation}, GT lesions <= {t.min_volume:g} mm^3 left "
                          f"out, predicted lesions <= {t.min_pred_voxels:g} voxels removed"
                          + (f", merged through touching {partners} lesions" if partners else ""))
-        return "; ".join(parts) + f"; missed lesion HD95 {self.missed_hd95:g} mm"
+        missed = "the volume diagonal in voxels" if self.missed_hd95 is None else f"{self.missed_hd95:g} mm"
+        return "; ".join(parts) + f"; missed lesion HD95 {missed}"
 
 
-def _rules_2024(name: str, challenge: str, dilation: int, min_volume: float, missed_hd95: float,
+def _rules_2024(name: str, challenge: str, dilation: int, min_volume: float, missed_hd95: float | None,
                 scored: tuple[str, ...], *tissues: RegionRules) -> LesionRules:
     return LesionRules(name, challenge, dilation, min_volume, tissues, scored, missed_hd95)
 
@@ -204,6 +211,15 @@ RULES: dict[str, LesionRules] = {rules.name: rules for rules in (
                 RegionRules("tc", 3, 50.0, 50),
                 RegionRules("wt", 3, 50.0, 50),
                 RegionRules("netc", 3, 50.0, 50)),
+    # BraTS 2024 brain metastases (metrics_MET.py, newest commit): SSA's steps with dilation 1, thresholds
+    # 2 (mm^3 for GT, voxels for predicted lesions), the cavity RC scored too, and the missed-lesion HD95
+    # the volume's diagonal in voxels.
+    _rules_2024("brats2024-met", "BraTS-MET", 1, 2.0, None, ("et", "tc", "wt", "rc"),
+                RegionRules("et", 1, 2.0, 2, ("netc",)),
+                RegionRules("tc", 1, 2.0, 2),
+                RegionRules("wt", 1, 2.0, 2),
+                RegionRules("rc", 1, 2.0, 2),
+                RegionRules("netc", 1, 2.0, 2)),
 )}
 """Lesion-wise rules by ``--rules`` name (the official ``get_LesionWiseResults`` parameters)."""
 
@@ -471,7 +487,7 @@ def lesion_scores(pred: np.ndarray, gt: np.ndarray, spacing: Sequence[float],
     if rules.dilation < 1:
         raise ValueError(f"{rules.name}: dilation must be at least 1, found {rules.dilation}")
     return _score(_grouped(gt, rules.dilation), _components(pred), voxel_spacing(spacing), rules.min_volume,
-                  rules.missed_hd95)
+                  rules.missed(gt.shape))
 
 
 # ---------------------------------------------------------------- the 2024 rules
@@ -553,7 +569,7 @@ def _case_2024(pred_regions: np.ndarray, gt_regions: np.ndarray, spacing: tuple[
     scores, kept = {}, {}
     for name in rules.scored:
         gt, pred = (_combined(name, sets, rules, shape) for sets in (gt_sets, pred_sets))
-        scores[name] = _score(gt, pred, spacing, rules.region(name).min_volume, rules.missed_hd95)
+        scores[name] = _score(gt, pred, spacing, rules.region(name).min_volume, rules.missed(shape))
         full = np.zeros(shape, bool)
         if pred.lesions:
             box = _union([x.box for x in pred.lesions])
@@ -597,7 +613,7 @@ def case_lesion_metrics(pred_regions: np.ndarray, gt_regions: np.ndarray, spacin
     for region in rules.scored:
         gt = gt_regions[formed.index(region)]
         full = region_metrics(kept[region], gt, spacing, hd95=False)
-        full["hd95"] = surface_hd95(kept[region], gt, spacing, rules.missed_hd95)
+        full["hd95"] = surface_hd95(kept[region], gt, spacing, rules.missed(gt.shape))
         out.update({f"{metric}_{region}": value for metric, value in full.items()})
         lesion.update({f"lw_{metric}_{region}": getattr(scores[region], metric)
                        for metric in LESION_METRIC_NAMES})

@@ -1,4 +1,4 @@
-"""Tests for the BraTS 2024 lesion-wise rules in brats_lightning.lesionwise (brats2024-gli, brats2024-ssa):
+"""Tests for the BraTS 2024 lesion-wise rules in brats_lightning.lesionwise (brats2024-gli, -ssa, -met):
 hand-worked cases checked against the official scorer, a whole-volume brute force, evaluate end to end."""
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def brute_relabel(labels: np.ndarray, partner: np.ndarray) -> np.ndarray:
 def brute_force(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float, float],
                 rules: LesionRules, convention: LabelConvention) -> dict[str, LesionScore]:
     """The 2024 scorer's algorithm written plainly on whole volumes."""
-    out = {}
+    out, missed = {}, rules.missed(gt.shape)
     sides = []
     for labels, removal in ((gt, False), (pred, True)):
         masks = dict(zip(rules.formed, region_masks(labels, convention, rules.formed), strict=True))
@@ -140,11 +140,11 @@ def brute_force(pred: np.ndarray, gt: np.ndarray, spacing: tuple[float, float, f
             else:
                 fn += 1
                 dice.append(0.0)
-                hd95.append(rules.missed_hd95)
+                hd95.append(missed)
         fp = len(set(np.unique(pred_lab).tolist()) - {0} - matched)
         total = len(dice) + fp
         out[region] = (LesionScore(1.0, 0.0, tp, fp, fn) if total == 0 else LesionScore(
-            sum(dice) / total, (sum(hd95) + rules.missed_hd95 * fp) / total, tp, fp, fn))
+            sum(dice) / total, (sum(hd95) + missed * fp) / total, tp, fp, fn))
     return out
 
 
@@ -160,10 +160,10 @@ def random_labels(rng: np.random.Generator, shape: tuple[int, int, int], count: 
 
 
 @pytest.mark.parametrize(("rules_name", "seed"), [("brats2024-gli", 0), ("brats2024-gli", 1),
-                                                  ("brats2024-ssa", 5)])
+                                                  ("brats2024-ssa", 5), ("brats2024-met", 4)])
 def test_agrees_with_the_whole_volume_brute_force(rules_name: str, seed: int) -> None:
     rules = RULES[rules_name]
-    gli = rules_name == "brats2024-gli"
+    gli = rules_name != "brats2024-ssa"  # MET's codes are GLI's (4: the cavity)
     convention, codes = (BRATS2024_GLI, (1, 2, 3, 4)) if gli else (BRATS2023, (1, 2, 3))
     rng = np.random.default_rng(seed)
     shape = (30, 26, 22) if gli else (56, 48, 24)  # SSA's 50-voxel removal wants bigger, sparser lesions
